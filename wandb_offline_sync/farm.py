@@ -1,0 +1,265 @@
+"""The ``wandb_sync_farm`` command: check the setup, then serve.
+
+Everything that can be wrong with the setup (certificate, key, the wandb
+CLI, the W&B API key, the port) is checked before the farm starts taking
+requests, and reported in one line with a named exit code.  Signal
+handlers only set an event; the main thread shuts the server down, stops
+running syncs and exits 0.
+
+Also runnable as ``python -m wandb_offline_sync.farm``.
+"""
+
+import argparse
+import logging
+import netrc
+import os
+import shlex
+import signal
+import ssl
+import sys
+import threading
+import time
+from urllib.parse import urlsplit
+
+from . import __version__, protocol
+from .errors import ConfigError
+from .rundirs import RunDirPolicy, parse_path_map
+from .scheduler import SyncScheduler
+from .server import FarmServer, make_server_context
+from .wandbcli import WandbCli
+
+__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_USAGE", "EXIT_CONFIG"]
+
+log = logging.getLogger(__name__)
+
+# Exit codes.
+EXIT_OK = 0
+EXIT_USAGE = 2          # argparse's own
+EXIT_CONFIG = 3         # the farm cannot start as configured
+EXIT_FAILED = 4         # a subcommand could not do its job
+
+DEFAULT_NUM_THREADS = 5
+DEFAULT_SYNC_TIMEOUT = 900.0
+
+
+def _default_state_dir():
+    base = os.environ.get("XDG_STATE_HOME") or \
+        os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "wandb_offline_sync")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="wandb_sync_farm",
+        description="Serve sync requests from wandb-offline-sync agents "
+                    "and run `wandb sync` on their run directories.")
+    parser.add_argument(
+        "--host", default=protocol.DEFAULT_BIND,
+        help="address to listen on (default: %(default)s)")
+    parser.add_argument(
+        "--port", type=int, default=None,
+        help="port to listen on (default: $%s or %d)"
+             % (protocol.ENV_PORT, protocol.DEFAULT_PORT))
+    parser.add_argument(
+        "--cert", default="cert.pem",
+        help="TLS certificate in PEM (default: %(default)s)")
+    parser.add_argument(
+        "--key", default="key.pem",
+        help="TLS private key in PEM (default: %(default)s)")
+    parser.add_argument(
+        "--num_threads", "--num-threads", dest="num_threads", type=int,
+        default=DEFAULT_NUM_THREADS,
+        help="most syncs running at once (default: %(default)s)")
+    parser.add_argument(
+        "--sync-timeout", type=float, default=DEFAULT_SYNC_TIMEOUT,
+        help="seconds before a sync is killed and retried "
+             "(default: %(default)s)")
+    parser.add_argument(
+        "--allow-root", action="append", metavar="DIR",
+        help="only sync run directories under DIR; repeatable (default: "
+             "your home directory)")
+    parser.add_argument(
+        "--path-map", action="append", metavar="FROM=TO", default=[],
+        help="rewrite a requested path prefix FROM to TO before checking "
+             "it, for nodes that mount the filesystem elsewhere; "
+             "repeatable")
+    parser.add_argument(
+        "--allow-group", action="store_true",
+        help="also sync runs owned by a group you are in (default: only "
+             "your own)")
+    parser.add_argument(
+        "--state-dir", default=_default_state_dir(),
+        help="where the farm keeps its state and scratch directories "
+             "(default: %(default)s)")
+    parser.add_argument(
+        "--wandb-command", default="wandb",
+        help="how to run the wandb CLI, split like a shell would "
+             "(default: %(default)s)")
+    parser.add_argument(
+        "--verbose", action="store_true",
+        help="log debug messages and everything wandb prints")
+    parser.add_argument(
+        "--version", action="version", version="%(prog)s " + __version__)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return serve(args)
+    except ConfigError as exc:
+        if args.verbose:
+            log.exception("cannot start")
+        print("wandb_sync_farm: error: %s" % exc, file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def serve(args):
+    """Check the setup described by ``args``, then serve until a signal."""
+    context = _load_tls(args.cert, args.key)
+    port = args.port
+    if port is None:
+        port = _env_port()
+    username = os.environ.get(protocol.ENV_USERNAME)
+    password = os.environ.get(protocol.ENV_PASSWORD)
+    default_credentials = not username or not password
+    username = username or protocol.DEFAULT_USERNAME
+    password = password or protocol.DEFAULT_PASSWORD
+    if args.num_threads < 1:
+        raise ConfigError("--num_threads must be at least 1")
+    if args.sync_timeout <= 0:
+        raise ConfigError("--sync-timeout must be positive")
+    policy = _make_policy(args)
+
+    os.makedirs(args.state_dir, mode=0o700, exist_ok=True)
+    cli = WandbCli(shlex.split(args.wandb_command),
+                   timeout=args.sync_timeout,
+                   work_root=os.path.join(args.state_dir, "work"),
+                   verbose=args.verbose)
+    wandb_version = cli.version()
+    _check_api_key()
+
+    scheduler = SyncScheduler(lambda run: cli.sync(run.run_dir),
+                              max_workers=args.num_threads)
+    info = {"version": __version__, "wandb": wandb_version,
+            "started": time.time(), "num_threads": args.num_threads,
+            "sync_timeout": args.sync_timeout,
+            "allow_roots": list(policy.allow_roots)}
+    try:
+        server = FarmServer((args.host, port), ssl_context=context,
+                            username=username, password=password,
+                            scheduler=scheduler, policy=policy,
+                            farm_info=info)
+    except OSError as exc:
+        scheduler.close(timeout=0)
+        raise ConfigError("cannot listen on %s:%d: %s"
+                          % (args.host, port, exc.strerror)) from None
+
+    _log_start(server, args, wandb_version, policy, default_credentials)
+    stop = threading.Event()
+    _install_signal_handlers(stop)
+    thread = threading.Thread(target=server.serve_forever,
+                              name="farm-server", daemon=True)
+    thread.start()
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        log.info("shutting down")
+        server.shutdown()
+        server.server_close()
+        cli.close()
+        scheduler.close()
+        thread.join(5.0)
+    log.info("farm stopped")
+    return EXIT_OK
+
+
+def _load_tls(cert, key):
+    for what, path in (("certificate", cert), ("key", key)):
+        if not os.path.isfile(path):
+            raise ConfigError("no TLS %s at %s (make one with openssl; see "
+                              "the README)" % (what, path))
+    try:
+        return make_server_context(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError("cannot load TLS certificate %s and key %s: %s"
+                          % (cert, key, exc)) from None
+
+
+def _env_port():
+    text = os.environ.get(protocol.ENV_PORT)
+    if not text:
+        return protocol.DEFAULT_PORT
+    try:
+        port = int(text)
+    except ValueError:
+        raise ConfigError("%s=%r is not a port number"
+                          % (protocol.ENV_PORT, text)) from None
+    if not 0 <= port <= 65535:
+        raise ConfigError("%s=%d is out of range" % (protocol.ENV_PORT,
+                                                     port))
+    return port
+
+
+def _make_policy(args):
+    roots = args.allow_root or [os.path.expanduser("~")]
+    for root in roots:
+        if not os.path.isdir(root):
+            raise ConfigError("--allow-root %s is not a directory" % root)
+    try:
+        maps = [parse_path_map(text) for text in args.path_map]
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return RunDirPolicy(allow_roots=roots, path_maps=maps,
+                        allow_group=args.allow_group)
+
+
+def _check_api_key():
+    """ConfigError unless wandb will find an API key."""
+    if os.environ.get("WANDB_API_KEY"):
+        return
+    base_url = os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+    host = urlsplit(base_url).hostname or "api.wandb.ai"
+    path = os.environ.get("NETRC") or \
+        os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        if netrc.netrc(path).authenticators(host):
+            return
+    except (OSError, netrc.NetrcParseError):
+        pass
+    raise ConfigError("no W&B API key for %s: set WANDB_API_KEY or run "
+                      "`wandb login` on this node" % host)
+
+
+def _log_start(server, args, wandb_version, policy, default_credentials):
+    host, port = server.server_address[:2]
+    log.info("wandb_sync_farm %s with %s", __version__, wandb_version)
+    log.info("listening on https://%s:%d (certificate %s)", host, port,
+             os.path.abspath(args.cert))
+    log.info("agents need: export %s=<this node's name> %s=%d %s=%s",
+             protocol.ENV_HOST, protocol.ENV_PORT, port, protocol.ENV_CERT,
+             os.path.abspath(args.cert))
+    log.info("syncing runs under: %s", ", ".join(policy.allow_roots))
+    log.info("up to %d syncs at once, each killed after %.0fs",
+             args.num_threads, args.sync_timeout)
+    if default_credentials:
+        log.warning("using the default credentials %s/%s: anyone who can "
+                    "reach this port can ask for syncs; set %s and %s",
+                    protocol.DEFAULT_USERNAME, protocol.DEFAULT_PASSWORD,
+                    protocol.ENV_USERNAME, protocol.ENV_PASSWORD)
+
+
+def _install_signal_handlers(stop):
+    def request_stop(signum, frame):
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, request_stop)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,376 @@
+"""The farm's HTTPS front: TLS, basic auth, and the routes agents call.
+
+:class:`FarmServer` is a ``ThreadingHTTPServer`` that accepts plain TCP
+connections in its loop and does the TLS handshake in each connection's own
+thread, so a client that never finishes a handshake (or speaks plain HTTP
+to the TLS port) delays nobody else.  :class:`FarmHandler` checks HTTP basic
+auth, parses sync requests (see protocol), checks the run directory (see
+rundirs) and hands the run to the scheduler.  Every error is answered with
+a JSON body ``{"error": reason}`` and the server keeps serving.
+
+Routes: ``POST /sync``, ``GET /status``, ``GET /`` (an HTML page).
+"""
+
+import base64
+import binascii
+import hmac
+import json
+import logging
+import socket
+import ssl
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from . import __version__, protocol
+from .errors import RequestError
+
+__all__ = ["FarmServer", "FarmHandler", "make_server_context",
+           "LoginThrottle", "escape"]
+
+log = logging.getLogger(__name__)
+
+_AUTH_REALM = 'Basic realm="wandb_sync_farm", charset="UTF-8"'
+
+
+def escape(text, limit=200):
+    """Make client-supplied text safe to put in a log line."""
+    if not isinstance(text, str):
+        text = str(text)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return text.encode("unicode_escape").decode("ascii")
+
+
+def make_server_context(cert, key):
+    """A TLS 1.2+ server context; ssl/OS errors pass to the caller."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    return context
+
+
+class LoginThrottle:
+    """Counts failed logins per address and says when to stop listening.
+
+    After ``max_failures`` failures from one address within ``window``
+    seconds, that address is refused for ``cooldown`` seconds without
+    its passwords being checked.
+    """
+
+    max_failures = 10
+    window = 60.0
+    cooldown = 60.0
+    #: Addresses remembered at most, so a flood of them stays bounded.
+    max_addresses = 4096
+
+    def __init__(self, clock=time.monotonic):
+        self._clock = clock
+        # Guards _failures and _blocked.
+        self._lock = threading.Lock()
+        self._failures = {}     # address -> list of failure times
+        self._blocked = {}      # address -> monotonic time it ends
+
+    def blocked_for(self, address):
+        """Seconds ``address`` must still wait, or 0."""
+        with self._lock:
+            until = self._blocked.get(address)
+            if until is None:
+                return 0.0
+            left = until - self._clock()
+            if left <= 0:
+                del self._blocked[address]
+                return 0.0
+            return left
+
+    def failed(self, address):
+        """Record a failure; True when the address is now blocked."""
+        now = self._clock()
+        with self._lock:
+            if len(self._failures) >= self.max_addresses:
+                self._failures.clear()
+            times = [t for t in self._failures.get(address, ())
+                     if now - t < self.window]
+            times.append(now)
+            if len(times) >= self.max_failures:
+                self._failures.pop(address, None)
+                self._blocked[address] = now + self.cooldown
+                return True
+            self._failures[address] = times
+            return False
+
+    def succeeded(self, address):
+        with self._lock:
+            self._failures.pop(address, None)
+
+
+class FarmServer(ThreadingHTTPServer):
+    """HTTPS server that hands sync requests to a scheduler."""
+
+    daemon_threads = True
+    request_queue_size = 128
+    #: Seconds a client has to finish the TLS handshake.
+    handshake_timeout = 10.0
+    #: Connections served at once; more are closed at once.
+    max_connections = 512
+
+    def __init__(self, address, *, ssl_context, username, password,
+                 scheduler, policy, farm_info=None, page=None,
+                 throttle=None):
+        host = address[0]
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, FarmHandler)
+        self.ssl_context = ssl_context
+        self._credentials = (username.encode("utf-8"),
+                             password.encode("utf-8"))
+        self.scheduler = scheduler
+        self.policy = policy
+        self.farm_info = dict(farm_info or {})
+        self.page = page                 # callable(status dict) -> str
+        self.throttle = throttle or LoginThrottle()
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+
+    def check_credentials(self, username, password):
+        """Compare in constant time; both parts are always compared."""
+        user_ok = hmac.compare_digest(username, self._credentials[0])
+        pass_ok = hmac.compare_digest(password, self._credentials[1])
+        return user_ok and pass_ok
+
+    def status(self):
+        return {"farm": self.farm_info, "runs": self.scheduler.status()}
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            log.warning("too many connections; closing one from %s",
+                        client_address[0])
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def finish_request(self, request, client_address):
+        request.settimeout(self.handshake_timeout)
+        try:
+            tls = self.ssl_context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            log.debug("TLS handshake failed: client=%s error=%s",
+                      client_address[0], escape(exc))
+            return
+        try:
+            self.RequestHandlerClass(tls, client_address, self)
+        finally:
+            try:
+                tls.close()
+            except OSError:
+                pass
+
+    def handle_error(self, request, client_address):
+        log.exception("error while serving %s", client_address[0])
+
+
+class FarmHandler(BaseHTTPRequestHandler):
+    """One connection from an agent or a person."""
+
+    server_version = "wandb_sync_farm/" + __version__
+    sys_version = ""
+    protocol_version = "HTTP/1.1"
+    #: Seconds a connection may sit idle or trickle before it is closed.
+    timeout = 20.0
+
+    # -- plumbing ------------------------------------------------------
+
+    def log_message(self, format, *args):
+        log.debug("%s %s", self.client_address[0],
+                  escape(format % args, limit=400))
+
+    def send_error(self, code, message=None, explain=None):
+        """Every error, ours or http.server's, gets a JSON body."""
+        reason = message or HTTPStatus(code).phrase
+        self.close_connection = True
+        self._send_json(code, {"error": reason},
+                        headers={"Connection": "close"})
+
+    def _send_json(self, code, payload, headers=None):
+        body = json.dumps(payload, indent=1).encode("utf-8") + b"\n"
+        self._send_body(code, body, "application/json", headers)
+
+    def _send_body(self, code, body, content_type, headers=None):
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _authorized(self):
+        """Check basic auth; on failure answer and return False."""
+        address = self.client_address[0]
+        wait = self.server.throttle.blocked_for(address)
+        if wait:
+            self.close_connection = True
+            self._send_json(429, {"error": "too many failed logins; try "
+                                  "again later"},
+                            headers={"Retry-After": str(int(wait) + 1),
+                                     "Connection": "close"})
+            return False
+        username, password = _basic_credentials(
+            self.headers.get("Authorization"))
+        if username is not None and \
+                self.server.check_credentials(username, password):
+            self.server.throttle.succeeded(address)
+            return True
+        if self.server.throttle.failed(address):
+            log.warning("login failures; cooling down: client=%s",
+                        address)
+        else:
+            log.info("login failed: client=%s", address)
+        self.close_connection = True
+        self._send_json(401, {"error": "authentication required"},
+                        headers={"WWW-Authenticate": _AUTH_REALM,
+                                 "Connection": "close"})
+        return False
+
+    def _read_body(self):
+        if self.headers.get("Transfer-Encoding"):
+            raise _HTTPError(411, "send the body with a Content-Length")
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise _HTTPError(411, "Content-Length is required")
+        try:
+            size = int(length)
+        except ValueError:
+            raise _HTTPError(400, "Content-Length is not a number") \
+                from None
+        if size < 0:
+            raise _HTTPError(400, "Content-Length is negative")
+        if size > protocol.MAX_BODY_BYTES:
+            raise _HTTPError(413, "body is larger than %d bytes"
+                             % protocol.MAX_BODY_BYTES)
+        body = self.rfile.read(size)
+        if len(body) != size:
+            raise _HTTPError(400, "body ended before Content-Length")
+        return body
+
+    # -- methods -------------------------------------------------------
+
+    def do_POST(self):
+        self._dispatch({protocol.SYNC_PATH: self._post_sync})
+
+    def do_GET(self):
+        self._dispatch({protocol.STATUS_PATH: self._get_status,
+                        "/": self._get_page})
+
+    def do_HEAD(self):
+        self.do_GET()
+
+    def _method_not_allowed(self):
+        self._dispatch({})
+
+    def __getattr__(self, name):
+        # http.server looks up do_<METHOD>; any method without one of its
+        # own (PUT, DELETE, made-up ones) gets 405 rather than 501.
+        if name.startswith("do_"):
+            return self._method_not_allowed
+        raise AttributeError(name)
+
+    def _dispatch(self, routes):
+        try:
+            path = self.path.split("?", 1)[0]
+            known = path in (protocol.SYNC_PATH, protocol.STATUS_PATH, "/")
+            if not self._authorized():
+                return
+            if not known:
+                raise _HTTPError(404, "no such path; use POST %s or GET %s"
+                                 % (protocol.SYNC_PATH,
+                                    protocol.STATUS_PATH))
+            route = routes.get(path)
+            if route is None:
+                raise _HTTPError(405, "method %s is not allowed here"
+                                 % self.command, allow=True)
+            route()
+        except _HTTPError as exc:
+            headers = {}
+            if exc.allow:
+                headers["Allow"] = _ALLOWED[path]
+            if exc.retry_after:
+                headers["Retry-After"] = str(exc.retry_after)
+            self.close_connection = True
+            headers["Connection"] = "close"
+            self._send_json(exc.status, {"error": exc.reason}, headers)
+        except RequestError as exc:
+            headers = {}
+            if exc.status == 503:
+                headers["Retry-After"] = "60"
+            self._send_json(exc.status, {"error": str(exc)}, headers)
+
+    def _post_sync(self):
+        body = self._read_body()
+        request = protocol.parse_sync_request(
+            body, self.headers.get("Content-Type"))
+        location = self.server.policy.locate(request.run_dir)
+        run_id = request.run_id or \
+            protocol.run_id_from_file(
+                location.wandb_file.rsplit("/", 1)[-1])
+        log.debug("sync request: run=%s final=%s dir=%s", run_id,
+                  request.final, escape(location.run_dir))
+        state = self.server.scheduler.request(
+            location.run_dir, run_id, final=request.final,
+            wandb_file=location.wandb_file)
+        self._send_json(202, state)
+
+    def _get_status(self):
+        self._send_json(200, self.server.status())
+
+    def _get_page(self):
+        if self.server.page is None:
+            raise _HTTPError(404, "no status page; use GET %s"
+                             % protocol.STATUS_PATH)
+        html = self.server.page(self.server.status())
+        self._send_body(200, html.encode("utf-8"),
+                        "text/html; charset=utf-8")
+
+
+_ALLOWED = {protocol.SYNC_PATH: "POST",
+            protocol.STATUS_PATH: "GET, HEAD",
+            "/": "GET, HEAD"}
+
+
+class _HTTPError(Exception):
+    def __init__(self, status, reason, allow=False, retry_after=None):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.allow = allow
+        self.retry_after = retry_after
+
+
+def _basic_credentials(header):
+    """``(username, password)`` bytes from a Basic header, or (None, None)."""
+    if not header or len(header) > 1024:
+        return None, None
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None, None
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None, None
+    username, sep, password = decoded.partition(b":")
+    if not sep:
+        return None, None
+    return username, password
+

@@ -1,0 +1,267 @@
+"""Running the real ``wandb`` CLI once, and judging what it did.
+
+One :class:`WandbCli` runs ``wandb sync`` on a run directory as an argv list
+(never a shell), with stdin from /dev/null, in a process group of its own,
+in a scratch working directory that is removed afterwards (the CLI leaves
+debug logs in its working directory), with a timeout that kills the whole
+group.  Output goes to files, not pipes, so a grandchild that keeps a pipe
+open cannot hang the farm.
+
+The exit code alone does not say whether a sync worked: wandb 0.31 exits 0
+after most failures and reports them as ``wandb: ERROR`` lines.
+:func:`classify` reads the output and sorts an attempt into one of the
+outcomes below.  Scheduling and retries are left to the scheduler.
+"""
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+
+from .errors import ConfigError
+
+__all__ = [
+    "WandbCli", "Attempt", "classify",
+    "OK", "NOT_READY", "TRANSIENT", "PERMANENT",
+]
+
+log = logging.getLogger(__name__)
+
+# Outcomes of one attempt.
+OK = "ok"                  # data reached W&B
+NOT_READY = "not_ready"    # the run's log has nothing complete to send yet
+TRANSIENT = "transient"    # worth retrying: timeout, network, 429/5xx
+PERMANENT = "permanent"    # retrying will not help: auth, missing run
+
+_ERROR_MARK = "wandb: ERROR"
+# Lower-cased fragments of wandb's output and the outcome each implies.
+# Checked in order; the first match wins.
+_PATTERNS = (
+    ("no api key", PERMANENT, "no W&B API key is configured on the farm"),
+    ("api key must be", PERMANENT, "the farm's W&B API key is invalid"),
+    ("401", PERMANENT, "W&B rejected the farm's API key (401)"),
+    ("unauthorized", PERMANENT, "W&B rejected the farm's API key"),
+    ("403", PERMANENT, "W&B refused access to the project (403)"),
+    ("permission denied", PERMANENT, "no permission to write the run "
+     "directory"),
+    ("operation not permitted", PERMANENT, "no permission to write the "
+     "run directory"),
+    ("no such file or directory", PERMANENT, "the run directory is gone"),
+    ("does not exist", PERMANENT, "the run directory is gone"),
+    ("incomplete record", NOT_READY, "the run's log ends in a record "
+     "still being written"),
+    ("eof", NOT_READY, "the run's log holds no complete record yet"),
+    ("429", TRANSIENT, "W&B is rate limiting (429)"),
+    ("timed out", TRANSIENT, "the network timed out"),
+    ("timeout", TRANSIENT, "the network timed out"),
+    ("connection refused", TRANSIENT, "W&B could not be reached"),
+    ("connection reset", TRANSIENT, "the connection to W&B was reset"),
+    ("name resolution", TRANSIENT, "W&B's host name did not resolve"),
+    (" 50", TRANSIENT, "W&B answered with a server error (5xx)"),
+)
+# How many lines of the CLI's stderr an attempt keeps for /status.
+TAIL_LINES = 20
+
+
+class Attempt:
+    """What one run of the CLI did."""
+
+    __slots__ = ("started", "ended", "exit_code", "timed_out", "outcome",
+                 "reason", "stderr_tail", "argv")
+
+    def __init__(self, *, started, ended, exit_code, timed_out, outcome,
+                 reason, stderr_tail, argv):
+        self.started = started          # wall clock, seconds
+        self.ended = ended
+        self.exit_code = exit_code      # None when killed at the timeout
+        self.timed_out = timed_out
+        self.outcome = outcome
+        self.reason = reason
+        self.stderr_tail = stderr_tail  # list of str
+        self.argv = argv
+
+    def to_dict(self):
+        return {
+            "started": self.started, "ended": self.ended,
+            "exit_code": self.exit_code, "timed_out": self.timed_out,
+            "outcome": self.outcome, "reason": self.reason,
+            "stderr_tail": list(self.stderr_tail),
+        }
+
+
+def classify(exit_code, output, timed_out=False):
+    """Return ``(outcome, reason)`` for an attempt's exit code and output.
+
+    ``output`` is the CLI's stdout and stderr together.
+    """
+    if timed_out:
+        return TRANSIENT, "the sync did not finish before the timeout"
+    error_lines = [line for line in output.splitlines()
+                   if _ERROR_MARK in line]
+    if not error_lines and exit_code == 0:
+        return OK, "synced"
+    text = "\n".join(error_lines or output.splitlines()[-TAIL_LINES:])
+    lowered = text.lower()
+    for fragment, outcome, reason in _PATTERNS:
+        if fragment in lowered:
+            return outcome, reason
+    if exit_code is not None and exit_code < 0:
+        return TRANSIENT, "wandb was killed by signal %d" % -exit_code
+    if error_lines:
+        first = error_lines[0].split(_ERROR_MARK, 1)[1].strip(" :")
+        return TRANSIENT, "wandb reported an error: %s" % first[:200]
+    return TRANSIENT, "wandb exited with code %d" % exit_code
+
+
+class WandbCli:
+    """Runs ``wandb sync`` on run directories; one object per farm."""
+
+    #: Seconds between SIGTERM and SIGKILL when a sync is stopped.
+    kill_grace = 3.0
+
+    def __init__(self, command=("wandb",), *, timeout=600.0, work_root=None,
+                 verbose=False, environ=None):
+        self.command = list(command)
+        self.timeout = timeout
+        self.verbose = verbose
+        self.work_root = work_root or tempfile.gettempdir()
+        self.environ = _child_environ(os.environ if environ is None
+                                      else environ)
+        # Guards _running: process groups of syncs under way.
+        self._lock = threading.Lock()
+        self._running = set()
+        self._closed = False
+
+    def sync_argv(self, run_dir):
+        """The argv that syncs ``run_dir``."""
+        argv = self.command + ["sync", "--include-synced"]
+        if not os.path.basename(run_dir).startswith("offline-"):
+            argv.append("--include-online")
+        argv.append(run_dir)
+        return argv
+
+    def version(self):
+        """The installed CLI's version line; ConfigError if not runnable."""
+        argv = self.command + ["--version"]
+        try:
+            os.makedirs(self.work_root, exist_ok=True)
+            done = subprocess.run(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, timeout=120, env=self.environ,
+                cwd=self.work_root)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise ConfigError("cannot run %s: %s"
+                              % (" ".join(argv), exc)) from None
+        text = done.stdout.decode("utf-8", "replace").strip()
+        if done.returncode != 0:
+            raise ConfigError("%s exited with code %d: %s"
+                              % (" ".join(argv), done.returncode,
+                                 text[-300:]))
+        return text.splitlines()[-1] if text else "unknown"
+
+    def sync(self, run_dir):
+        """Run one sync of ``run_dir`` and return its :class:`Attempt`."""
+        return self.run(self.sync_argv(run_dir), label=run_dir)
+
+    def run(self, argv, *, label="", timeout=None):
+        """Run ``argv`` as a supervised sync attempt."""
+        timeout = self.timeout if timeout is None else timeout
+        os.makedirs(self.work_root, exist_ok=True)
+        workdir = tempfile.mkdtemp(prefix="sync-", dir=self.work_root)
+        started = time.time()
+        timed_out = False
+        try:
+            out_path = os.path.join(workdir, "output.txt")
+            with open(out_path, "wb") as out:
+                proc = self._spawn(argv, workdir, out)
+                if proc is None:
+                    exit_code = None
+                    output = "farm is shutting down"
+                else:
+                    try:
+                        exit_code = proc.wait(timeout)
+                    except subprocess.TimeoutExpired:
+                        timed_out = True
+                        log.warning("sync timed out: %s after %.0fs",
+                                    label, timeout)
+                        self._stop_group(proc)
+                        exit_code = None
+                    finally:
+                        self._stop_group(proc, reap_only=True)
+            with open(out_path, "rb") as out:
+                output = out.read().decode("utf-8", "replace")
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        ended = time.time()
+
+        outcome, reason = classify(exit_code, output, timed_out)
+        lines = output.splitlines()
+        if self.verbose:
+            for line in lines:
+                log.info("wandb: %s", line)
+        return Attempt(started=started, ended=ended, exit_code=exit_code,
+                       timed_out=timed_out, outcome=outcome, reason=reason,
+                       stderr_tail=lines[-TAIL_LINES:], argv=argv)
+
+    def close(self):
+        """Stop every sync under way and refuse new ones."""
+        with self._lock:
+            self._closed = True
+            running = list(self._running)
+        for proc in running:
+            self._stop_group(proc)
+
+    def _spawn(self, argv, workdir, out):
+        with self._lock:
+            if self._closed:
+                return None
+            try:
+                proc = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=out,
+                    stderr=subprocess.STDOUT, cwd=workdir,
+                    env=self.environ, start_new_session=True)
+            except OSError as exc:
+                out.write(("wandb: ERROR cannot start %s: %s\n"
+                           % (argv[0], exc)).encode())
+                return None
+            self._running.add(proc)
+            return proc
+
+    def _stop_group(self, proc, reap_only=False):
+        """End ``proc``'s process group: SIGTERM, then SIGKILL.
+
+        With ``reap_only``, only make sure nothing of the group is left
+        after the leader exited by itself.
+        """
+        if not reap_only:
+            _signal_group(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(self.kill_grace)
+            except subprocess.TimeoutExpired:
+                pass
+        # Children of the CLI (its wandb-core service) live in the same
+        # group and may outlast it; none of them may stay behind.
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+        with self._lock:
+            self._running.discard(proc)
+
+
+def _signal_group(pgid, signum):
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _child_environ(environ):
+    env = dict(environ)
+    # WANDB_SILENT hides the ERROR lines the farm judges attempts by, and
+    # a farm started from an offline shell must not pass offline mode on.
+    for name in ("WANDB_SILENT", "WANDB_MODE", "WANDB_QUIET"):
+        env.pop(name, None)
+    return env

@@ -142,40 +142,78 @@ def serve(args):
     wandb_version = cli.version()
     _check_api_key()
 
-    scheduler = SyncScheduler(lambda run: cli.sync(run.run_dir),
-                              max_workers=args.num_threads)
     info = {"version": __version__, "wandb": wandb_version,
-            "started": time.time(), "num_threads": args.num_threads,
+            "num_threads": args.num_threads,
             "sync_timeout": args.sync_timeout,
             "allow_roots": list(policy.allow_roots)}
     try:
-        server = FarmServer((args.host, port), ssl_context=context,
-                            username=username, password=password,
-                            scheduler=scheduler, policy=policy,
-                            farm_info=info)
+        farm = Farm((args.host, port), ssl_context=context,
+                    username=username, password=password, policy=policy,
+                    cli=cli, num_threads=args.num_threads, farm_info=info)
     except OSError as exc:
-        scheduler.close(timeout=0)
         raise ConfigError("cannot listen on %s:%d: %s"
                           % (args.host, port, exc.strerror)) from None
 
-    _log_start(server, args, wandb_version, policy, default_credentials)
+    _log_start(farm.server, args, wandb_version, policy,
+               default_credentials)
     stop = threading.Event()
     _install_signal_handlers(stop)
-    thread = threading.Thread(target=server.serve_forever,
-                              name="farm-server", daemon=True)
-    thread.start()
+    farm.start()
     try:
         while not stop.wait(1.0):
             pass
     finally:
         log.info("shutting down")
-        server.shutdown()
-        server.server_close()
-        cli.close()
-        scheduler.close()
-        thread.join(5.0)
+        farm.close()
     log.info("farm stopped")
     return EXIT_OK
+
+
+class Farm:
+    """A farm put together: HTTPS server, scheduler and wandb CLI runner.
+
+    ``start()`` serves in a background thread; ``close()`` stops taking
+    requests, ends running syncs and waits for the threads.
+    """
+
+    def __init__(self, address, *, ssl_context, username, password, policy,
+                 cli, num_threads=DEFAULT_NUM_THREADS, farm_info=None,
+                 scheduler_settings=None):
+        self.cli = cli
+        self.scheduler = SyncScheduler(self._sync, max_workers=num_threads,
+                                       **(scheduler_settings or {}))
+        info = dict(farm_info or {})
+        info.setdefault("version", __version__)
+        info["started"] = time.time()
+        try:
+            self.server = FarmServer(
+                address, ssl_context=ssl_context, username=username,
+                password=password, scheduler=self.scheduler, policy=policy,
+                farm_info=info)
+        except BaseException:
+            self.scheduler.close(timeout=0)
+            raise
+        self._thread = threading.Thread(target=self.server.serve_forever,
+                                        name="farm-server", daemon=True)
+
+    @property
+    def port(self):
+        return self.server.server_address[1]
+
+    def _sync(self, record):
+        return self.cli.sync(record.run_dir)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def close(self):
+        if self._thread.is_alive():
+            self.server.shutdown()
+            self._thread.join(5.0)
+        self.server.server_close()
+        self.cli.close()
+        self.scheduler.close()
 
 
 def _load_tls(cert, key):

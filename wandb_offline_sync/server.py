@@ -187,6 +187,9 @@ class FarmHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     #: Seconds a connection may sit idle or trickle before it is closed.
     timeout = 20.0
+    #: Largest unwanted body read and dropped so an error answer arrives.
+    drain_limit = 1024 * 1024
+    _body_read = True
 
     # -- plumbing ------------------------------------------------------
 
@@ -222,6 +225,7 @@ class FarmHandler(BaseHTTPRequestHandler):
         wait = self.server.throttle.blocked_for(address)
         if wait:
             self.close_connection = True
+            self._drain_body()
             self._send_json(429, {"error": "too many failed logins; try "
                                   "again later"},
                             headers={"Retry-After": str(int(wait) + 1),
@@ -239,12 +243,37 @@ class FarmHandler(BaseHTTPRequestHandler):
         else:
             log.info("login failed: client=%s", address)
         self.close_connection = True
+        self._drain_body()
         self._send_json(401, {"error": "authentication required"},
                         headers={"WWW-Authenticate": _AUTH_REALM,
                                  "Connection": "close"})
         return False
 
+    def _drain_body(self):
+        """Read an unread body before an error answer and a close.
+
+        Closing a socket with unread data makes TCP reset it, and the
+        client may lose the answer.  Bodies up to DRAIN_LIMIT are read
+        and dropped (within the handler's timeout); larger ones are not.
+        """
+        if self._body_read:
+            return
+        self._body_read = True
+        try:
+            size = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            return
+        while 0 < size <= self.drain_limit:
+            try:
+                chunk = self.rfile.read(min(size, 65536))
+            except OSError:
+                return
+            if not chunk:
+                return
+            size -= len(chunk)
+
     def _read_body(self):
+        self._body_read = True
         if self.headers.get("Transfer-Encoding"):
             raise _HTTPError(411, "send the body with a Content-Length")
         length = self.headers.get("Content-Length")
@@ -258,6 +287,7 @@ class FarmHandler(BaseHTTPRequestHandler):
         if size < 0:
             raise _HTTPError(400, "Content-Length is negative")
         if size > protocol.MAX_BODY_BYTES:
+            self._body_read = False     # drained before the answer
             raise _HTTPError(413, "body is larger than %d bytes"
                              % protocol.MAX_BODY_BYTES)
         body = self.rfile.read(size)
@@ -288,6 +318,7 @@ class FarmHandler(BaseHTTPRequestHandler):
         raise AttributeError(name)
 
     def _dispatch(self, routes):
+        self._body_read = False
         try:
             path = self.path.split("?", 1)[0]
             known = path in (protocol.SYNC_PATH, protocol.STATUS_PATH, "/")
@@ -303,6 +334,7 @@ class FarmHandler(BaseHTTPRequestHandler):
                                  % self.command, allow=True)
             route()
         except _HTTPError as exc:
+            self._drain_body()
             headers = {}
             if exc.allow:
                 headers["Allow"] = _ALLOWED[path]

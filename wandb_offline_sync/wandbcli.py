@@ -174,14 +174,20 @@ class WandbCli:
         workdir = tempfile.mkdtemp(prefix="sync-", dir=self.work_root)
         started = time.time()
         timed_out = False
+        exit_code = None
+        refused = None
         try:
             out_path = os.path.join(workdir, "output.txt")
             with open(out_path, "wb") as out:
-                proc = self._spawn(argv, workdir, out)
-                if proc is None:
-                    exit_code = None
-                    output = "farm is shutting down"
-                else:
+                try:
+                    proc = self._spawn(argv, workdir, out)
+                except OSError as exc:
+                    proc = None
+                    refused = (PERMANENT, "cannot start %s: %s"
+                               % (argv[0], exc.strerror or exc))
+                if proc is None and refused is None:
+                    refused = (TRANSIENT, "the farm is shutting down")
+                if proc is not None:
                     try:
                         exit_code = proc.wait(timeout)
                     except subprocess.TimeoutExpired:
@@ -189,7 +195,6 @@ class WandbCli:
                         log.warning("sync timed out: %s after %.0fs",
                                     label, timeout)
                         self._stop_group(proc)
-                        exit_code = None
                     finally:
                         self._stop_group(proc, reap_only=True)
             with open(out_path, "rb") as out:
@@ -198,7 +203,10 @@ class WandbCli:
             shutil.rmtree(workdir, ignore_errors=True)
         ended = time.time()
 
-        outcome, reason = classify(exit_code, output, timed_out)
+        if refused is not None:
+            outcome, reason = refused
+        else:
+            outcome, reason = classify(exit_code, output, timed_out)
         lines = output.splitlines()
         if self.verbose:
             for line in lines:
@@ -219,15 +227,10 @@ class WandbCli:
         with self._lock:
             if self._closed:
                 return None
-            try:
-                proc = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=out,
-                    stderr=subprocess.STDOUT, cwd=workdir,
-                    env=self.environ, start_new_session=True)
-            except OSError as exc:
-                out.write(("wandb: ERROR cannot start %s: %s\n"
-                           % (argv[0], exc)).encode())
-                return None
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT, cwd=workdir, env=self.environ,
+                start_new_session=True)
             self._running.add(proc)
             return proc
 

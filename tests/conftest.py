@@ -96,6 +96,7 @@ class FarmClient:
     def __init__(self, port, cert, host="127.0.0.1"):
         self.host = host
         self.port = port
+        self.cert = cert
         self.context = ssl.create_default_context(cafile=cert)
         self.context.check_hostname = False
 

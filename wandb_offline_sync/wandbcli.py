@@ -15,6 +15,7 @@ outcomes below.  Scheduling and retries are left to the scheduler.
 
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -38,31 +39,35 @@ TRANSIENT = "transient"    # worth retrying: timeout, network, 429/5xx
 PERMANENT = "permanent"    # retrying will not help: auth, missing run
 
 _ERROR_MARK = "wandb: ERROR"
-# Lower-cased fragments of wandb's output and the outcome each implies.
-# Checked in order; the first match wins.
-_PATTERNS = (
-    ("no api key", PERMANENT, "no W&B API key is configured on the farm"),
-    ("api key must be", PERMANENT, "the farm's W&B API key is invalid"),
-    ("401", PERMANENT, "W&B rejected the farm's API key (401)"),
-    ("unauthorized", PERMANENT, "W&B rejected the farm's API key"),
-    ("403", PERMANENT, "W&B refused access to the project (403)"),
-    ("permission denied", PERMANENT, "no permission to write the run "
-     "directory"),
-    ("operation not permitted", PERMANENT, "no permission to write the "
-     "run directory"),
-    ("no such file or directory", PERMANENT, "the run directory is gone"),
-    ("does not exist", PERMANENT, "the run directory is gone"),
-    ("incomplete record", NOT_READY, "the run's log ends in a record "
-     "still being written"),
-    ("eof", NOT_READY, "the run's log holds no complete record yet"),
-    ("429", TRANSIENT, "W&B is rate limiting (429)"),
-    ("timed out", TRANSIENT, "the network timed out"),
-    ("timeout", TRANSIENT, "the network timed out"),
-    ("connection refused", TRANSIENT, "W&B could not be reached"),
-    ("connection reset", TRANSIENT, "the connection to W&B was reset"),
-    ("name resolution", TRANSIENT, "W&B's host name did not resolve"),
-    (" 50", TRANSIENT, "W&B answered with a server error (5xx)"),
-)
+# Lines that report a failure: wandb's own, and click's usage errors.
+_ERROR_LINE = re.compile(r"wandb: ERROR|^Error: ")
+# What wandb 0.31 prints, and the outcome each text implies.  Checked in
+# order against the error lines; the first match wins.  A W&B answer of
+# 401/403 is printed as the server's message alone, with no status, so it
+# cannot be told from other errors and is retried as transient until
+# max_failures.
+_PATTERNS = tuple((re.compile(pattern, re.IGNORECASE), outcome, reason)
+                  for pattern, outcome, reason in (
+    (r"no api key", PERMANENT, "no W&B API key is configured on the farm"),
+    (r"api key must|wandb_api_key invalid", PERMANENT,
+     "the farm's W&B API key is invalid"),
+    (r"permission denied|operation not permitted", PERMANENT,
+     "no permission to write the run directory"),
+    (r"does not exist|no such file or directory", PERMANENT,
+     "the run directory is gone"),
+    (r"incomplete record", NOT_READY,
+     "the run's log ends in a record still being written"),
+    (r"next record: EOF|\bEOF$", NOT_READY,
+     "the run's log holds no complete record yet"),
+    (r"\b429\b", TRANSIENT, "W&B is rate limiting (429)"),
+    (r"\b5\d\d\b", TRANSIENT, "W&B answered with a server error (5xx)"),
+    (r"connection refused|no such host|name resolution|dial tcp",
+     TRANSIENT, "W&B could not be reached"),
+    (r"timed? ?out|deadline exceeded", TRANSIENT,
+     "the connection to W&B timed out"),
+    (r"giving up after|while uploading data", TRANSIENT,
+     "W&B did not accept the data; will retry"),
+))
 # How many lines of the CLI's stderr an attempt keeps for /status.
 TAIL_LINES = 20
 
@@ -101,18 +106,17 @@ def classify(exit_code, output, timed_out=False):
     if timed_out:
         return TRANSIENT, "the sync did not finish before the timeout"
     error_lines = [line for line in output.splitlines()
-                   if _ERROR_MARK in line]
+                   if _ERROR_LINE.search(line)]
     if not error_lines and exit_code == 0:
         return OK, "synced"
-    text = "\n".join(error_lines or output.splitlines()[-TAIL_LINES:])
-    lowered = text.lower()
-    for fragment, outcome, reason in _PATTERNS:
-        if fragment in lowered:
-            return outcome, reason
+    for line in error_lines:
+        for pattern, outcome, reason in _PATTERNS:
+            if pattern.search(line):
+                return outcome, reason
     if exit_code is not None and exit_code < 0:
         return TRANSIENT, "wandb was killed by signal %d" % -exit_code
     if error_lines:
-        first = error_lines[0].split(_ERROR_MARK, 1)[1].strip(" :")
+        first = _ERROR_LINE.split(error_lines[-1], 1)[-1].strip(" :")
         return TRANSIENT, "wandb reported an error: %s" % first[:200]
     return TRANSIENT, "wandb exited with code %d" % exit_code
 
@@ -261,8 +265,19 @@ def _signal_group(pgid, signum):
         pass
 
 
+# wandb retries a request to an unreachable or failing server for about
+# 16 minutes by default, holding a worker all that time.  The farm has its
+# own backoff, so the CLI is asked to give up sooner unless the farm's
+# environment says otherwise.
+_CHILD_DEFAULTS = {
+    "WANDB_X_GRAPHQL_RETRY_MAX": "5",
+    "WANDB_X_FILE_STREAM_RETRY_MAX": "5",
+}
+
+
 def _child_environ(environ):
-    env = dict(environ)
+    env = dict(_CHILD_DEFAULTS)
+    env.update(environ)
     # WANDB_SILENT hides the ERROR lines the farm judges attempts by, and
     # a farm started from an offline shell must not pass offline mode on.
     for name in ("WANDB_SILENT", "WANDB_MODE", "WANDB_QUIET"):

@@ -1,0 +1,153 @@
+"""End to end: a real training job, the real agent, a real farm running the
+real wandb CLI, and the fake W&B server of the test suite."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from wandb_offline_sync import protocol
+
+from conftest import PASSWORD, USERNAME, wait_until
+from fake_wandb import API_KEY, FAST_FAILURE, FakeWandbServer, \
+    isolated_environ
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WANDB = os.path.join(os.path.dirname(sys.executable), "wandb")
+
+# Logs a step every 50 ms, for `seconds` or until SIGTERM.  Prints each
+# step after wandb.log returns, so the test knows what was logged.
+TRAIN = textwrap.dedent("""
+    import sys, time
+    import wandb
+    from wandb_offline_sync import agent
+
+    seconds = float(sys.argv[1])
+    run = wandb.init(project="e2e", config={"lr": 0.01, "layers": 3})
+    agent.init(frequency=1.5)
+    step = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        wandb.log({"loss": 1.0 / (step + 1), "step_seen": step})
+        agent.trigger_sync()
+        print("logged", step, flush=True)
+        step += 1
+        time.sleep(0.05)
+    run.summary["best_loss"] = 1.0 / step
+    run.finish()
+    print("finished", flush=True)
+""")
+
+
+@pytest.fixture
+def fake():
+    with FakeWandbServer() as server:
+        yield server
+
+
+@pytest.fixture
+def live_farm(start_farm, fake, tmp_path):
+    environ = isolated_environ(str(tmp_path / "farm-env"))
+    del environ["WANDB_MODE"]
+    environ.update(FAST_FAILURE, WANDB_BASE_URL=fake.url,
+                   WANDB_API_KEY=API_KEY)
+    return start_farm([WANDB], environ=environ, timeout=120, num_threads=2,
+                      scheduler_settings={"backoff_base": 0.5,
+                                          "backoff_cap": 2.0})
+
+
+def _job(farm, tmp_path, seconds):
+    environ = isolated_environ(str(tmp_path / "job"))
+    environ.update({
+        "PYTHONPATH": REPO,
+        "WANDB_X_TRANSACTION_LOG_FLUSH_INTERVAL": "1",
+        protocol.ENV_HOST: "127.0.0.1",
+        protocol.ENV_PORT: str(farm[0].port),
+        protocol.ENV_USERNAME: USERNAME,
+        protocol.ENV_PASSWORD: PASSWORD,
+        protocol.ENV_CERT: farm[1].cert,
+    })
+    return subprocess.Popen(
+        [sys.executable, "-c", TRAIN, str(seconds)], env=environ,
+        cwd=str(tmp_path), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE)
+
+
+def _read_steps(job, until=None):
+    """Read the job's stdout; return the logged steps and whether it
+    finished, stopping early when ``until(steps)`` is true."""
+    steps = []
+    for line in job.stdout:
+        words = line.split()
+        if words[:1] == [b"logged"]:
+            steps.append(int(words[1]))
+            if until is not None and until(steps):
+                return steps
+    return steps
+
+
+def _run_id(fake):
+    runs = fake.runs()
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def test_run_appears_while_it_runs_and_ends_complete(live_farm, fake,
+                                                     tmp_path):
+    job = _job(live_farm, tmp_path, seconds=10)
+    seen_while_running = False
+    try:
+        deadline = time.monotonic() + 90
+        while job.poll() is None and time.monotonic() < deadline:
+            if fake.runs() and fake.history(fake.runs()[0]):
+                seen_while_running = True
+            time.sleep(0.2)
+        logged = _read_steps(job)
+        code = job.wait(90)
+        stderr = job.stderr.read().decode()
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    assert code == 0, stderr
+    assert seen_while_running, "no row reached W&B before the job ended"
+
+    run_id = _run_id(fake)
+    assert fake.wait_for(
+        lambda f: f.final_state(run_id) == {"complete": True,
+                                            "exitcode": 0}, 60)
+    assert set(fake.history_steps(run_id)) == set(logged)
+    assert len(logged) > 50
+    assert fake.config_values(run_id)["lr"] == 0.01
+    assert fake.config_values(run_id)["layers"] == 3
+    assert fake.summary(run_id)["best_loss"] == pytest.approx(
+        1.0 / len(logged))
+    record = live_farm[1].status()["runs"][0]
+    assert record["final_requested"]
+    assert wait_until(
+        lambda: live_farm[1].status()["runs"][0]["state"] == "done", 30)
+
+
+def test_sigterm_ends_the_run_with_its_exit_code(live_farm, fake,
+                                                 tmp_path):
+    job = _job(live_farm, tmp_path, seconds=120)
+    try:
+        logged = _read_steps(job, until=lambda steps: len(steps) >= 40)
+        job.send_signal(signal.SIGTERM)
+        code = job.wait(60)
+        logged += _read_steps(job)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    assert code == 128 + signal.SIGTERM
+
+    run_id = _run_id(fake)
+    assert fake.wait_for(
+        lambda f: f.final_state(run_id) == {"complete": True,
+                                            "exitcode": 143}, 60)
+    assert set(logged) <= set(fake.history_steps(run_id))

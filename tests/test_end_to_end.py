@@ -128,6 +128,7 @@ def test_run_appears_while_it_runs_and_ends_complete(live_farm, fake,
         1.0 / len(logged))
     record = live_farm[1].status()["runs"][0]
     assert record["final_requested"]
+    assert record["run_url"].endswith("/e2e/runs/" + run_id)
     assert wait_until(
         lambda: live_farm[1].status()["runs"][0]["state"] == "done", 30)
 

@@ -10,6 +10,7 @@ Also runnable as ``python -m wandb_offline_sync.farm``.
 """
 
 import argparse
+import importlib
 import logging
 import netrc
 import os
@@ -52,7 +53,10 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="wandb_sync_farm",
         description="Serve sync requests from wandb-offline-sync agents "
-                    "and run `wandb sync` on their run directories.")
+                    "and run `wandb sync` on their run directories.",
+        epilog="Other commands: `wandb_sync_farm status` shows the runs "
+               "a farm knows; `wandb_sync_farm gen-cert` makes its "
+               "certificate.")
     parser.add_argument(
         "--host", default=protocol.DEFAULT_BIND,
         help="address to listen on (default: %(default)s)")
@@ -103,7 +107,22 @@ def build_parser():
     return parser
 
 
+# Subcommands beside serving, each a module with main(argv) -> exit code,
+# imported only when used.
+_SUBCOMMANDS = {
+    "status": "wandb_offline_sync.statuscmd",
+    "gen-cert": "wandb_offline_sync.certs",
+}
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in _SUBCOMMANDS:
+        module = importlib.import_module(_SUBCOMMANDS[argv[0]])
+        return module.main(argv[1:])
+    if "--generate-cert" in argv:
+        argv.remove("--generate-cert")
+        return importlib.import_module(_SUBCOMMANDS["gen-cert"]).main(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -53,6 +53,7 @@ class RunRecord:
         self.retry_due = None          # scheduler clock
         self.quiet_until = None        # scheduler clock; after FAILED
         self.finished_at = None        # scheduler clock; DONE or FAILED
+        self.run_url = None            # the run's page on W&B, once known
 
     def to_dict(self, now, wall_now):
         retry = None
@@ -70,6 +71,7 @@ class RunRecord:
             "last_request": self.last_request,
             "last_success": self.last_success,
             "next_retry": retry,
+            "run_url": self.run_url,
             "last_attempt": (self.last_attempt.to_dict()
                              if self.last_attempt else None),
         }
@@ -258,6 +260,8 @@ class SyncScheduler:
         now = self._clock()
         record.attempts += 1
         record.last_attempt = attempt
+        if attempt is not None and attempt.run_url:
+            record.run_url = attempt.run_url
         outcome = attempt.outcome if attempt else TRANSIENT
         reason = attempt.reason if attempt else "internal error"
         label = "final sync" if final else "sync"

@@ -68,6 +68,7 @@ _PATTERNS = tuple((re.compile(pattern, re.IGNORECASE), outcome, reason)
     (r"giving up after|while uploading data", TRANSIENT,
      "W&B did not accept the data; will retry"),
 ))
+_RUN_URL = re.compile(r"View run \S+ at (https?://\S+)")
 # How many lines of the CLI's stderr an attempt keeps for /status.
 TAIL_LINES = 20
 
@@ -76,10 +77,10 @@ class Attempt:
     """What one run of the CLI did."""
 
     __slots__ = ("started", "ended", "exit_code", "timed_out", "outcome",
-                 "reason", "stderr_tail", "argv")
+                 "reason", "stderr_tail", "argv", "run_url")
 
     def __init__(self, *, started, ended, exit_code, timed_out, outcome,
-                 reason, stderr_tail, argv):
+                 reason, stderr_tail, argv, run_url=None):
         self.started = started          # wall clock, seconds
         self.ended = ended
         self.exit_code = exit_code      # None when killed at the timeout
@@ -88,6 +89,7 @@ class Attempt:
         self.reason = reason
         self.stderr_tail = stderr_tail  # list of str
         self.argv = argv
+        self.run_url = run_url          # where W&B shows the run, if said
 
     def to_dict(self):
         return {
@@ -96,6 +98,12 @@ class Attempt:
             "outcome": self.outcome, "reason": self.reason,
             "stderr_tail": list(self.stderr_tail),
         }
+
+
+def find_run_url(output):
+    """The run's page on W&B, from wandb's "View run ... at URL" line."""
+    match = _RUN_URL.search(output)
+    return match.group(1) if match else None
 
 
 def classify(exit_code, output, timed_out=False):
@@ -217,7 +225,8 @@ class WandbCli:
                 log.info("wandb: %s", line)
         return Attempt(started=started, ended=ended, exit_code=exit_code,
                        timed_out=timed_out, outcome=outcome, reason=reason,
-                       stderr_tail=lines[-TAIL_LINES:], argv=argv)
+                       stderr_tail=lines[-TAIL_LINES:], argv=argv,
+                       run_url=find_run_url(output))
 
     def close(self):
         """Stop every sync under way and refuse new ones."""

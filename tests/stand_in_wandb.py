@@ -42,6 +42,10 @@ def main(argv):
     if argv[:1] == ["--version"]:
         print("wandb, version 0.0.0 (stand-in)")
         return 0
+    if "--help" in argv:
+        print("Usage: wandb %s [OPTIONS]  (stand-in, no --live)"
+              % " ".join(argv[:-1]))
+        return 0
     folder = os.environ["STAND_IN_DIR"]
     try:
         with open(os.path.join(folder, "calls.jsonl")) as f:

@@ -25,7 +25,8 @@ from urllib.parse import urlsplit
 from . import __version__, protocol
 from .errors import ConfigError
 from .rundirs import RunDirPolicy, parse_path_map
-from .scheduler import SyncScheduler
+from .scheduler import LIVE_MODE, PERIODIC_MODE, SyncScheduler
+from .state import StateStore
 from .server import FarmServer, make_server_context
 from .wandbcli import WandbCli
 
@@ -41,6 +42,7 @@ EXIT_FAILED = 4         # a subcommand could not do its job
 
 DEFAULT_NUM_THREADS = 5
 DEFAULT_SYNC_TIMEOUT = 900.0
+DEFAULT_LIVE_INTERVAL = 2.0
 
 
 def _default_state_dir():
@@ -98,6 +100,28 @@ def build_parser():
     parser.add_argument(
         "--wandb-command", default="wandb",
         help="how to run the wandb CLI, split like a shell would "
+             "(default: %(default)s)")
+    parser.add_argument(
+        "--mode", choices=(LIVE_MODE, PERIODIC_MODE), default=None,
+        help="live: follow each run with `wandb beta sync --live`; "
+             "periodic: run `wandb sync` per request (default: live when "
+             "the installed wandb offers it)")
+    parser.add_argument(
+        "--live-interval", type=float, default=DEFAULT_LIVE_INTERVAL,
+        help="seconds between a live sync's sends to W&B, whole seconds "
+             "(default: %(default)s)")
+    parser.add_argument(
+        "--live-grace", type=float, default=SyncScheduler.live_grace,
+        help="seconds a live sync may take to end after the run's final "
+             "request (default: %(default)s)")
+    parser.add_argument(
+        "--max-live", type=int, default=SyncScheduler.max_live,
+        help="live syncs at most at once; further runs are synced "
+             "periodically (default: %(default)s)")
+    parser.add_argument(
+        "--stale-after", type=float, default=SyncScheduler.stale_after,
+        help="seconds without requests and without log growth after "
+             "which a run counts as ended without its final request "
              "(default: %(default)s)")
     parser.add_argument(
         "--verbose", action="store_true",
@@ -160,15 +184,29 @@ def serve(args):
                    verbose=args.verbose)
     wandb_version = cli.version()
     _check_api_key()
+    mode, why = _choose_mode(args.mode, cli)
+    for name in ("live_interval", "live_grace", "stale_after"):
+        if getattr(args, name) <= 0:
+            raise ConfigError("--%s must be positive"
+                              % name.replace("_", "-"))
 
-    info = {"version": __version__, "wandb": wandb_version,
+    info = {"version": __version__, "wandb": wandb_version, "mode": mode,
             "num_threads": args.num_threads,
             "sync_timeout": args.sync_timeout,
+            "live_interval": args.live_interval,
+            "stale_after": args.stale_after,
             "allow_roots": list(policy.allow_roots)}
+    log.info("sync mode: %s (%s)", mode, why)
+    settings = {"live_grace": args.live_grace, "max_live": args.max_live,
+                "stale_after": args.stale_after}
     try:
         farm = Farm((args.host, port), ssl_context=context,
                     username=username, password=password, policy=policy,
-                    cli=cli, num_threads=args.num_threads, farm_info=info)
+                    cli=cli, num_threads=args.num_threads, farm_info=info,
+                    live=mode == LIVE_MODE,
+                    live_interval=args.live_interval,
+                    store=StateStore(args.state_dir),
+                    scheduler_settings=settings)
     except OSError as exc:
         raise ConfigError("cannot listen on %s:%d: %s"
                           % (args.host, port, exc.strerror)) from None
@@ -197,10 +235,14 @@ class Farm:
 
     def __init__(self, address, *, ssl_context, username, password, policy,
                  cli, num_threads=DEFAULT_NUM_THREADS, farm_info=None,
-                 scheduler_settings=None):
+                 live=False, live_interval=DEFAULT_LIVE_INTERVAL,
+                 store=None, scheduler_settings=None):
         self.cli = cli
-        self.scheduler = SyncScheduler(self._sync, max_workers=num_threads,
-                                       **(scheduler_settings or {}))
+        self.live_interval = live_interval
+        self.scheduler = SyncScheduler(
+            self._sync, start_live=self._start_live if live else None,
+            max_workers=num_threads, store=store,
+            **(scheduler_settings or {}))
         info = dict(farm_info or {})
         info.setdefault("version", __version__)
         info["started"] = time.time()
@@ -222,6 +264,9 @@ class Farm:
     def _sync(self, record):
         return self.cli.sync(record.run_dir)
 
+    def _start_live(self, record):
+        return self.cli.start_live(record.run_dir, self.live_interval)
+
     def start(self):
         self._thread.start()
         return self
@@ -231,8 +276,22 @@ class Farm:
             self.server.shutdown()
             self._thread.join(5.0)
         self.server.server_close()
+        self.scheduler.stop_accepting()
         self.cli.close()
         self.scheduler.close()
+
+
+def _choose_mode(requested, cli):
+    """The sync mode to run in, and why."""
+    live_ok = cli.supports_live()
+    if requested == LIVE_MODE and not live_ok:
+        raise ConfigError("--mode live needs `wandb beta sync --live`, "
+                          "which the installed wandb does not offer")
+    if requested:
+        return requested, "chosen with --mode"
+    if live_ok:
+        return LIVE_MODE, "the installed wandb offers beta sync --live"
+    return PERIODIC_MODE, "the installed wandb has no beta sync --live"
 
 
 def _load_tls(cert, key):

@@ -156,6 +156,51 @@ class WandbCli:
         argv.append(run_dir)
         return argv
 
+    def live_argv(self, run_dir):
+        """The argv that follows ``run_dir`` live until the run ends."""
+        argv = self.command + ["beta", "sync", "--live", "--no-skip-synced"]
+        if not os.path.basename(run_dir).startswith("offline-"):
+            argv.append("--no-skip-online")
+        argv.append(run_dir)
+        return argv
+
+    def supports_live(self):
+        """Whether the installed CLI offers ``beta sync --live``."""
+        try:
+            done = subprocess.run(
+                self.command + ["beta", "sync", "--help"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, timeout=120, env=self.environ,
+                cwd=self.work_root)
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return done.returncode == 0 and b"--live" in done.stdout
+
+    def start_live(self, run_dir, transmit_interval=2.0):
+        """Start following ``run_dir`` live; return its :class:`LiveSync`.
+
+        Raises OSError when the CLI cannot be started, and RuntimeError
+        when the farm is closing.
+        """
+        argv = self.live_argv(run_dir)
+        os.makedirs(self.work_root, exist_ok=True)
+        workdir = tempfile.mkdtemp(prefix="live-", dir=self.work_root)
+        out_path = os.path.join(workdir, "output.txt")
+        # The live sync's send interval sets most of the delay between
+        # wandb.log() in the job and the data on W&B.
+        env = dict(self.environ, WANDB_X_FILE_STREAM_TRANSMIT_INTERVAL=str(
+            max(1, int(round(transmit_interval)))))
+        try:
+            with open(out_path, "wb") as out:
+                proc = self._spawn(argv, workdir, out, env)
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        if proc is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise RuntimeError("the farm is shutting down")
+        return LiveSync(self, proc, workdir, out_path, argv)
+
     def version(self):
         """The installed CLI's version line; ConfigError if not runnable."""
         argv = self.command + ["--version"]
@@ -229,20 +274,34 @@ class WandbCli:
                        run_url=find_run_url(output))
 
     def close(self):
-        """Stop every sync under way and refuse new ones."""
+        """Stop every sync under way, live ones included; refuse new ones.
+
+        All groups get SIGTERM at once, then SIGKILL after one grace
+        period, so closing takes ``kill_grace`` seconds however many
+        syncs run.
+        """
         with self._lock:
             self._closed = True
             running = list(self._running)
         for proc in running:
-            self._stop_group(proc)
+            _signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.kill_grace
+        for proc in running:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for proc in running:
+            self._stop_group(proc, reap_only=True)
 
-    def _spawn(self, argv, workdir, out):
+    def _spawn(self, argv, workdir, out, env=None):
         with self._lock:
             if self._closed:
                 return None
             proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, cwd=workdir, env=self.environ,
+                stderr=subprocess.STDOUT, cwd=workdir,
+                env=self.environ if env is None else env,
                 start_new_session=True)
             self._running.add(proc)
             return proc
@@ -265,6 +324,95 @@ class WandbCli:
         proc.wait()
         with self._lock:
             self._running.discard(proc)
+
+
+class LiveSync:
+    """A running ``wandb beta sync --live`` process, watched from outside.
+
+    Nothing here blocks: the scheduler polls it, reads the lines it
+    printed since the last look, and asks it to stop.  ``finish()``
+    collects an exited process into an :class:`Attempt`.
+    """
+
+    #: Bytes of output kept at most for judging the process at its end.
+    tail_bytes = 64 * 1024
+
+    def __init__(self, cli, proc, workdir, out_path, argv):
+        self._cli = cli
+        self.proc = proc
+        self.pid = proc.pid
+        self.argv = argv
+        self.started = time.time()
+        self.error_lines = 0          # wandb ERROR lines printed so far
+        self.last_error = None
+        self.run_url = None
+        self._workdir = workdir
+        self._out_path = out_path
+        self._offset = 0
+        self._tail = []
+
+    def poll(self):
+        """The exit code, or None while it runs."""
+        return self.proc.poll()
+
+    def read_new_lines(self):
+        """Lines printed since the last call (complete lines only)."""
+        try:
+            with open(self._out_path, "rb") as out:
+                out.seek(self._offset)
+                data = out.read(1024 * 1024)
+        except OSError:
+            return []
+        end = data.rfind(b"\n")
+        if end < 0:
+            return []
+        self._offset += end + 1
+        lines = data[:end].decode("utf-8", "replace").splitlines()
+        for line in lines:
+            if _ERROR_LINE.search(line):
+                self.error_lines += 1
+                self.last_error = line.strip()[:300]
+            if self.run_url is None:
+                self.run_url = find_run_url(line)
+        self._tail = (self._tail + lines)[-TAIL_LINES:]
+        if self._cli.verbose:
+            for line in lines:
+                log.info("wandb live %d: %s", self.pid, line)
+        return lines
+
+    def terminate(self):
+        _signal_group(self.pid, signal.SIGTERM)
+
+    def kill(self):
+        _signal_group(self.pid, signal.SIGKILL)
+
+    def finish(self):
+        """Reap the exited process and judge its whole life as an Attempt.
+
+        A live sync counts as OK only if it exited 0 without ever
+        printing an ERROR line: wandb may report lost data mid-way and
+        still exit 0.
+        """
+        self._cli._stop_group(self.proc, reap_only=True)
+        self.read_new_lines()
+        shutil.rmtree(self._workdir, ignore_errors=True)
+        exit_code = self.proc.returncode
+        if exit_code == 0 and not self.error_lines:
+            outcome, reason = OK, "live sync followed the run to its end"
+        elif exit_code is not None and exit_code < 0:
+            outcome, reason = TRANSIENT, "live sync ended by signal %d" % (
+                -exit_code)
+        else:
+            outcome, reason = classify(exit_code, "\n".join(
+                self._tail + ([self.last_error] if self.last_error
+                              else [])))
+            if outcome == OK:
+                outcome, reason = TRANSIENT, "live sync reported errors"
+        return Attempt(started=self.started, ended=time.time(),
+                       exit_code=exit_code, timed_out=False,
+                       outcome=outcome, reason=reason,
+                       stderr_tail=list(self._tail), argv=self.argv,
+                       run_url=self.run_url)
 
 
 def _signal_group(pgid, signum):

@@ -225,7 +225,9 @@ class SyncScheduler:
         self._save_wanted = 0          # generations of state asked for
         self._save_done = 0            # generations written
         if store is not None:
-            self._restore(store.load())
+            saved = store.load()
+            with self._cond:
+                self._restore(saved)
         self._threads = [
             threading.Thread(target=self._work, name="sync-worker-%d" % i,
                              daemon=True)

@@ -151,6 +151,33 @@ def test_page_loads_nothing_from_elsewhere():
     assert external == [RUN_URL, RUN_URL]
 
 
+def test_live_run_shows_how_long_it_has_been_followed_and_its_error():
+    run = _run(mode="live", state="live", last_success=None,
+               last_attempt=None,
+               live={"alive": True, "pid": 4242, "started": NOW - 300,
+                     "restarts": 1, "error_lines": 2,
+                     "last_error": "wandb: ERROR <upload> retrying",
+                     "next_restart": None})
+    page = render({"farm": _farm(mode="live"), "runs": [run]}, now=NOW)
+
+    row = _run_row(page, "abc123")
+    assert row[1] == "live"
+    assert row[2] == "live for 5 min"
+    assert row[3] == "wandb: ERROR <upload> retrying"
+    header = dict(r for r in _rows(page) if len(r) == 2)
+    assert header["sync mode"] == "live"
+
+
+def test_run_the_farm_finished_after_its_job_went_quiet_says_so():
+    page = render({"farm": _farm(),
+                   "runs": [_run(state="done", crashed=True,
+                                 final_requested=True)]}, now=NOW)
+
+    row = _run_row(page, "abc123")
+    assert row[1].startswith("done (the job went quiet")
+    assert row[5] == "yes"
+
+
 def test_empty_farm_says_there_are_no_runs():
     page = render({"farm": _farm(), "runs": []}, now=NOW)
 

@@ -180,3 +180,16 @@ def test_control_characters_from_clients_do_not_reach_the_terminal():
 
     assert "\x1b" not in text and "\x07" not in text
     assert "bad ?]0;pwned? text" in text
+
+
+def test_live_runs_show_live_instead_of_an_age():
+    run = {"run_id": "r4", "state": "live", "attempts": 0,
+           "last_success": None,
+           "live": {"alive": True, "started": 880.0, "last_error": None}}
+    text = statuscmd.format_table(
+        {"farm": {"mode": "live"}, "runs": [run]}, now=1000.0)
+
+    assert "live mode" in text.splitlines()[0]
+    row = next(line for line in text.splitlines() if line.startswith("r4"))
+    assert row.split()[:4] == ["r4", "live", "live", "for"]
+    assert "2 min" in row

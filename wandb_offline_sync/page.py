@@ -9,14 +9,16 @@ login node.  Every value is HTML-escaped: run directories and error texts
 come from clients and from wandb's output.
 
 Serving the page (auth, headers) is left to the server; the wording of
-ages and errors (:func:`describe_duration`, :func:`last_error`) is shared
-with the ``wandb_sync_farm status`` command.
+ages and errors (:func:`describe_duration`, :func:`describe_last_sync`,
+:func:`last_error`) is shared with the ``wandb_sync_farm status``
+command.
 """
 
 import html
 import time
 
-__all__ = ["render", "describe_duration", "last_error", "REFRESH_SECONDS"]
+__all__ = ["render", "describe_duration", "describe_last_sync",
+           "last_error", "REFRESH_SECONDS"]
 
 #: Seconds between the page's reloads of itself.
 REFRESH_SECONDS = 10
@@ -101,8 +103,36 @@ def describe_duration(seconds):
     return "%d days" % (hours // 24)
 
 
+def describe_last_sync(run, now, suffix=" ago"):
+    """When the run's data last reached W&B, in words.
+
+    ``"42 s ago"`` after a sync, ``"never"`` before the first, and
+    ``"live for 3 min"`` while a live sync follows the run (wandb's live
+    sync does not say when it last sent data, only that it runs).
+    """
+    live = run.get("live")
+    if run.get("state") == "live" and isinstance(live, dict) \
+            and live.get("alive"):
+        started = _number(live.get("started"))
+        if started is None:
+            return "live"
+        return "live for %s" % describe_duration(now - started)
+    when = _number(run.get("last_success"))
+    if when is None:
+        return "never"
+    return describe_duration(now - when) + suffix
+
+
 def last_error(run):
-    """The reason the run's last attempt did not succeed, or ``""``."""
+    """What last went wrong with the run's syncs, or ``""``.
+
+    While a live sync runs, the last error it printed; otherwise the
+    reason the last attempt did not succeed.
+    """
+    live = run.get("live")
+    if run.get("state") == "live" and isinstance(live, dict) \
+            and live.get("last_error"):
+        return str(live["last_error"])
     attempt = run.get("last_attempt")
     if not isinstance(attempt, dict) or attempt.get("outcome") == "ok":
         return ""
@@ -144,6 +174,7 @@ def _header(farm, runs, now):
         ("farm version", farm.get("version") or "unknown"),
         ("wandb", farm.get("wandb") or "unknown"),
         ("up for", uptime),
+        ("sync mode", farm.get("mode") or "periodic"),
         ("syncs at once", farm.get("num_threads", "unknown")),
         ("runs", _summary(runs)),
     ]
@@ -180,7 +211,7 @@ def _row(run, now):
         % (_escape(run.get("run_id") or "(no id)"),
            _escape(run.get("run_dir") or "")),
         '<td class="state">%s</td>' % _escape(_state(run, now)),
-        "<td>%s</td>" % _escape(_ago(run.get("last_success"), now)),
+        "<td>%s</td>" % _escape(describe_last_sync(run, now)),
         '<td class="error">%s</td>' % _escape(last_error(run)),
         '<td class="num">%s</td>' % _escape(run.get("attempts", "")),
         "<td>%s</td>" % ("yes" if run.get("final_requested") else "no"),
@@ -196,14 +227,9 @@ def _state(run, now):
         text += " (retry in %s)" % describe_duration(retry - now)
     if run.get("follow_up_pending"):
         text += " (another sync queued)"
+    if run.get("crashed"):
+        text += " (the job went quiet; the farm finished the run)"
     return text
-
-
-def _ago(when, now):
-    when = _number(when)
-    if when is None:
-        return "never"
-    return describe_duration(now - when) + " ago"
 
 
 def _link(url):

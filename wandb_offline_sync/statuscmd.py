@@ -29,7 +29,7 @@ import urllib.request
 from . import __version__, protocol
 from .errors import WandbSyncError
 from .farm import EXIT_FAILED, EXIT_OK
-from .page import describe_duration, last_error
+from .page import describe_duration, describe_last_sync, last_error
 
 __all__ = ["main", "build_parser", "fetch_status", "format_table",
            "StatusError"]
@@ -39,7 +39,7 @@ DEFAULT_TIMEOUT = 10.0
 
 # Columns of the table: heading, and the widest a value may make it.  The
 # last column takes what is left of the terminal.
-_COLUMNS = (("RUN", 40), ("STATE", 12), ("LAST SYNC AGO", 13),
+_COLUMNS = (("RUN", 40), ("STATE", 12), ("LAST SYNC AGO", 20),
             ("ATTEMPTS", 8), ("FINAL", 5))
 _LAST_COLUMN = "LAST ERROR"
 _GAP = "  "
@@ -170,6 +170,8 @@ def format_table(status, width=80, now=None, where=None):
 
     header = "farm %s (%s)" % (farm.get("version") or "?",
                                farm.get("wandb") or "wandb version unknown")
+    if farm.get("mode"):
+        header += ", %s mode" % farm["mode"]
     if where:
         header += " at %s" % where
     started = farm.get("started")
@@ -196,14 +198,10 @@ def format_table(status, width=80, now=None, where=None):
 
 def _cells(run, now):
     """The table's cells for one run, as printable text."""
-    state = str(run.get("state") or "unknown")
-    success = run.get("last_success")
-    if isinstance(success, (int, float)) and not isinstance(success, bool):
-        ago = describe_duration(now - success)
-    else:
-        ago = "never"
-    cells = [str(run.get("run_id") or run.get("run_dir") or "?"), state,
-             ago, str(run.get("attempts", "")),
+    cells = [str(run.get("run_id") or run.get("run_dir") or "?"),
+             str(run.get("state") or "unknown"),
+             describe_last_sync(run, now, suffix=""),
+             str(run.get("attempts", "")),
              "yes" if run.get("final_requested") else "no",
              last_error(run)]
     return [_printable(cell) for cell in cells]

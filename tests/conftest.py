@@ -162,7 +162,7 @@ def start_farm(certificate, tmp_path):
 
     def start(command, *, environ=None, timeout=30.0, num_threads=2,
               allow_roots=None, path_maps=(), scheduler_settings=None,
-              host="127.0.0.1"):
+              host="127.0.0.1", live=False, live_interval=1.0, store=None):
         cert, key = certificate
         cli = WandbCli(command, timeout=timeout,
                        work_root=str(tmp_path / "farm-work"),
@@ -171,7 +171,8 @@ def start_farm(certificate, tmp_path):
                               path_maps=path_maps)
         farm = Farm((host, 0), ssl_context=make_server_context(cert, key),
                     username=USERNAME, password=PASSWORD, policy=policy,
-                    cli=cli, num_threads=num_threads,
+                    cli=cli, num_threads=num_threads, live=live,
+                    live_interval=live_interval, store=store,
                     scheduler_settings=scheduler_settings).start()
         farms.append(farm)
         return farm, FarmClient(farm.port, cert, host=host)

@@ -105,6 +105,7 @@ class _Run:
     summary: dict = dataclasses.field(default_factory=dict)
     config: dict = dataclasses.field(default_factory=dict)
     states: list = dataclasses.field(default_factory=list)
+    state_times: list = dataclasses.field(default_factory=list)
     uploads: list = dataclasses.field(default_factory=list)
 
 
@@ -302,6 +303,13 @@ class FakeWandbServer:
         with self._cond:
             return [dict(s) for s in self._run(run_id).states]
 
+    def state_arrivals(self, run_id):
+        """(time.time() at arrival, state) for each of states()."""
+        with self._cond:
+            run = self._run(run_id)
+            return [(when, dict(state))
+                    for when, state in zip(run.state_times, run.states)]
+
     def final_state(self, run_id):
         states = self.states(run_id)
         return states[-1] if states else None
@@ -445,6 +453,7 @@ class FakeWandbServer:
                     "complete": post.get("complete"),
                     "exitcode": post.get("exitcode"),
                 })
+                run.state_times.append(now)
             self._cond.notify_all()
 
 

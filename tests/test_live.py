@@ -113,7 +113,7 @@ def test_killed_job_is_finished_as_crashed_within_the_quiet_time(
     took = time.monotonic() - killed
     assert fake.final_state(run_id)["complete"]
     assert fake.final_state(run_id)["exitcode"] != 0
-    assert client.status()["runs"][0]["crashed"]
+    assert client.status()["runs"][0]["went_quiet"]
     assert not _group_alive(pid)
     # Quiet time, then the live sync's stop and one ordinary sync.
     assert took < 4.0 + 30

@@ -179,7 +179,7 @@ def test_quiet_run_is_stopped_and_finished_as_crashed(tmp_path):
     finally:
         scheduler.close()
     assert lives.last().terminated
-    assert record["crashed"] and record["final_requested"]
+    assert record["went_quiet"] and record["final_requested"]
     assert sync.calls == [True]
 
 

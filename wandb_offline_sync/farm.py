@@ -184,6 +184,7 @@ def serve(args):
                    verbose=args.verbose)
     wandb_version = cli.version()
     _check_api_key()
+    cli.end_leftovers()
     mode, why = _choose_mode(args.mode, cli)
     for name in ("live_interval", "live_grace", "stale_after"):
         if getattr(args, name) <= 0:

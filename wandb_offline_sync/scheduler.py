@@ -19,7 +19,8 @@ one of two modes per run:
 Either way, a run whose heartbeats stop *and* whose transaction log stops
 growing for ``stale_after`` seconds is taken to have died without a
 final request (kill -9, node failure): its live sync is stopped and it is
-finished with one ordinary sync, which W&B shows as crashed.
+finished with one ordinary sync, which W&B shows as crashed (or as
+finished, if the job ended cleanly and only its final request was lost).
 
 After each attempt the outcome decides what follows (see wandbcli): a
 transient failure is retried with exponential backoff up to a cap; a
@@ -71,7 +72,7 @@ class RunRecord:
         self.mode = mode
         self.state = IDLE
         self.final_requested = False
-        self.crashed = False           # finished by the farm: job went quiet
+        self.went_quiet = False        # finished by the farm: job went quiet
         self.pending = False           # a request came during a sync
         self.requests = 0
         self.attempts = 0
@@ -111,7 +112,7 @@ class RunRecord:
             "mode": self.mode,
             "state": self.state,
             "final_requested": self.final_requested,
-            "crashed": self.crashed,
+            "went_quiet": self.went_quiet,
             "follow_up_pending": self.pending,
             "requests": self.requests,
             "attempts": self.attempts,
@@ -148,7 +149,7 @@ class RunRecord:
             "wandb_file": self.wandb_file, "mode": self.mode,
             "state": self.state if self.state in (DONE, FAILED) else IDLE,
             "final_requested": self.final_requested,
-            "crashed": self.crashed, "requests": self.requests,
+            "went_quiet": self.went_quiet, "requests": self.requests,
             "attempts": self.attempts, "failures": self.failures,
             "last_request": self.last_request,
             "last_success": self.last_success, "run_url": self.run_url,
@@ -270,7 +271,7 @@ class SyncScheduler:
                 # (a resumed run): follow it again.
                 log.info("run grew after it was done: run=%s", run_id)
                 record.state = IDLE
-                record.final_requested = record.crashed = False
+                record.final_requested = record.went_quiet = False
                 durable = True
             if final and not record.final_requested:
                 record.final_requested = True
@@ -418,7 +419,7 @@ class SyncScheduler:
             try:
                 attempt = self._sync(record)
             except Exception:
-                log.exception("sync crashed: run=%s", record.run_id)
+                log.exception("sync went_quiet: run=%s", record.run_id)
                 attempt = None
             with self._cond:
                 self._after_attempt(record, attempt, final, size)
@@ -535,7 +536,7 @@ class SyncScheduler:
         return now - quiet_since >= self.stale_after
 
     def _finish_quiet_run(self, record):
-        record.crashed = True
+        record.went_quiet = True
         record.final_requested = True
         log.warning("no heartbeat and no new data for %.0fs; finishing the "
                     "run: run=%s", self.stale_after, record.run_id)
@@ -627,7 +628,7 @@ class SyncScheduler:
                 continue
             if record.mode == LIVE_MODE and not self.live:
                 record.mode = PERIODIC_MODE
-            for name in ("final_requested", "crashed", "requests",
+            for name in ("final_requested", "went_quiet", "requests",
                          "attempts", "failures", "last_request",
                          "last_success", "run_url"):
                 if name in saved:

@@ -68,6 +68,7 @@ _PATTERNS = tuple((re.compile(pattern, re.IGNORECASE), outcome, reason)
     (r"giving up after|while uploading data", TRANSIENT,
      "W&B did not accept the data; will retry"),
 ))
+_PGID_FILE = "pgid"
 _RUN_URL = re.compile(r"View run \S+ at (https?://\S+)")
 # How many lines of the CLI's stderr an attempt keeps for /status.
 TAIL_LINES = 20
@@ -273,6 +274,37 @@ class WandbCli:
                        stderr_tail=lines[-TAIL_LINES:], argv=argv,
                        run_url=find_run_url(output))
 
+    def end_leftovers(self):
+        """End syncs a previous farm left running, and their scratch dirs.
+
+        A farm killed with SIGKILL cannot stop its syncs; they would run
+        beside the new farm's and send the same run twice.  Returns how
+        many process groups were ended.
+        """
+        ended = 0
+        try:
+            names = os.listdir(self.work_root)
+        except OSError:
+            return 0
+        for name in names:
+            workdir = os.path.join(self.work_root, name)
+            try:
+                with open(os.path.join(workdir, _PGID_FILE)) as f:
+                    pgid = int(f.read().strip())
+                with open("/proc/%d/cmdline" % pgid, "rb") as f:
+                    cmdline = f.read()
+            except (OSError, ValueError):
+                cmdline = b""
+                pgid = None
+            # The pid may have been reused: only a wandb process is ended.
+            if pgid and b"wandb" in cmdline:
+                log.warning("ending a sync left by a previous farm: "
+                            "pgid=%d", pgid)
+                _signal_group(pgid, signal.SIGKILL)
+                ended += 1
+            shutil.rmtree(workdir, ignore_errors=True)
+        return ended
+
     def close(self):
         """Stop every sync under way, live ones included; refuse new ones.
 
@@ -304,6 +336,9 @@ class WandbCli:
                 env=self.environ if env is None else env,
                 start_new_session=True)
             self._running.add(proc)
+        # Lets a farm restarted after kill -9 end what it left running.
+        with open(os.path.join(workdir, _PGID_FILE), "w") as f:
+            f.write("%d\n" % proc.pid)
             return proc
 
     def _stop_group(self, proc, reap_only=False):

@@ -202,3 +202,17 @@ def test_farm_refuses_tls_older_than_1_2(start_farm, stand_in):
         except (ssl.SSLError, OSError):
             handshake_ok = False
     assert not handshake_ok
+
+
+def test_status_page_is_served_to_a_logged_in_person(start_farm, stand_in,
+                                                     tmp_path):
+    farm, client = start_farm(stand_in.command, environ=stand_in.environ)
+    run_dir = make_run_dir(tmp_path, "page1")
+    client.sync(run_dir)
+
+    status, headers, body = client.request("GET", "/")
+
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/html")
+    assert b"page1" in body
+    assert client.request("GET", "/", auth=None)[0] == 401

@@ -253,7 +253,7 @@ class Agent:
                     break
                 if time.monotonic() + delay >= deadline:
                     self._warn("final", "the final sync request for run %s "
-                               "was not delivered within %.0fs; the farm "
+                               "was not delivered within %gs; the farm "
                                "will finish the run when it notices the "
                                "job ended" % (run.run_id,
                                                self.final_timeout))

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from . import __version__, protocol
 from .errors import ConfigError
+from .page import render as render_page
 from .rundirs import RunDirPolicy, parse_path_map
 from .scheduler import LIVE_MODE, PERIODIC_MODE, SyncScheduler
 from .state import StateStore
@@ -246,12 +247,14 @@ class Farm:
             **(scheduler_settings or {}))
         info = dict(farm_info or {})
         info.setdefault("version", __version__)
+        info.setdefault("num_threads", num_threads)
+        info.setdefault("mode", LIVE_MODE if live else PERIODIC_MODE)
         info["started"] = time.time()
         try:
             self.server = FarmServer(
                 address, ssl_context=ssl_context, username=username,
                 password=password, scheduler=self.scheduler, policy=policy,
-                farm_info=info)
+                farm_info=info, page=render_page)
         except BaseException:
             self.scheduler.close(timeout=0)
             raise

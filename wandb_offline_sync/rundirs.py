@@ -65,6 +65,10 @@ class RunDirPolicy:
     def map_path(self, path):
         """Apply the first matching ``--path-map`` to ``path``."""
         normal = os.path.normpath(path)
+        if normal.startswith("//"):
+            # POSIX normpath keeps exactly two leading slashes (their
+            # meaning is left to the system); Linux reads them as one.
+            normal = "/" + normal.lstrip("/")
         for source, target in self.path_maps:
             if normal == source:
                 return target
@@ -82,6 +86,12 @@ class RunDirPolicy:
             raise BadRequest("run_dir must be an absolute path")
         if "\x00" in requested:
             raise BadRequest("run_dir contains a NUL character")
+        try:
+            os.fsencode(requested)
+        except UnicodeEncodeError:
+            # A lone surrogate from JSON "\ud800": no file has that name,
+            # and the os functions below would raise on it.
+            raise BadRequest("run_dir is not a valid file name") from None
         path = os.path.realpath(self.map_path(requested))
         if os.path.basename(path).endswith(".wandb") and \
                 os.path.isfile(path):
@@ -103,8 +113,8 @@ class RunDirPolicy:
             raise RunNotFound("run_dir is not a directory")
         self._check_owner(info, "run_dir")
 
-        wandb_file = self._only_transaction_log(path)
-        self._check_owner(os.stat(wandb_file), "the run's .wandb file")
+        wandb_file, info = self._only_transaction_log(path)
+        self._check_owner(info, "the run's .wandb file")
         return RunLocation(path, wandb_file)
 
     def is_allowed(self, resolved):
@@ -139,6 +149,11 @@ class RunDirPolicy:
             raise RunNotFound("run_dir holds %d run-*.wandb files; "
                               "expected one" % len(logs))
         path = os.path.join(run_dir, logs[0])
-        if os.path.islink(path) or not os.path.isfile(path):
+        try:
+            info = os.lstat(path)
+        except OSError as exc:      # removed since the listing
+            raise RunNotFound("the run's .wandb file cannot be read: %s"
+                              % exc.strerror) from None
+        if not stat.S_ISREG(info.st_mode):
             raise Forbidden("the run's .wandb file is not a regular file")
-        return path
+        return path, info

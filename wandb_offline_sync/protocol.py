@@ -44,7 +44,8 @@ MAX_BODY_BYTES = 16 * 1024
 # Longest path the farm accepts (Linux PATH_MAX).
 MAX_PATH_CHARS = 4096
 
-_RUN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+# \Z, not $: $ also matches before a final newline.
+_RUN_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}\Z")
 _RUN_DIR_NAME_RE = re.compile(r"^(?:offline-)?run-\d{8}_\d{6}-(.+)$")
 _RUN_FILE_RE = re.compile(r"^run-(.+)\.wandb$")
 _TRUE = {"1", "true", "yes", "on"}
@@ -190,7 +191,7 @@ def _request_from_fields(fields):
 
     run_id = fields.get("run_id")
     if run_id is not None:
-        if not isinstance(run_id, str) or not _RUN_ID_RE.match(run_id):
+        if not isinstance(run_id, str) or not _is_run_id(run_id):
             raise BadRequest("run_id must be 1 to 128 letters, digits, "
                              "'-' or '_'")
 
@@ -200,11 +201,19 @@ def _request_from_fields(fields):
     return SyncRequest(run_dir, run_id or None, final)
 
 
+def _is_run_id(text):
+    return _RUN_ID_RE.match(text) is not None
+
+
 def run_id_from_dir(run_dir):
-    """The run id wandb encodes in a run directory's name, or None."""
+    """The run id wandb encodes in a run directory's name, or None.
+
+    Like a run id sent by an agent, it must pass the run id rule; a name
+    with other characters gives None.
+    """
     name = os.path.basename(os.path.normpath(run_dir))
     match = _RUN_DIR_NAME_RE.match(name)
-    if match:
+    if match and _is_run_id(match.group(1)):
         return match.group(1)
     return None
 
@@ -212,4 +221,6 @@ def run_id_from_dir(run_dir):
 def run_id_from_file(file_name):
     """The run id in a ``run-<id>.wandb`` file name, or None."""
     match = _RUN_FILE_RE.match(file_name)
-    return match.group(1) if match else None
+    if match and _is_run_id(match.group(1)):
+        return match.group(1)
+    return None

@@ -3,7 +3,9 @@
 :class:`FarmServer` is a ``ThreadingHTTPServer`` that accepts plain TCP
 connections in its loop and does the TLS handshake in each connection's own
 thread, so a client that never finishes a handshake (or speaks plain HTTP
-to the TLS port) delays nobody else.  :class:`FarmHandler` checks HTTP basic
+to the TLS port) delays nobody else.  A request must arrive whole within
+the handler's timeout, so a client that trickles its headers a byte at a
+time is dropped too.  :class:`FarmHandler` checks HTTP basic
 auth, parses sync requests (see protocol), checks the run directory (see
 rundirs) and hands the run to the scheduler.  Every error is answered with
 a JSON body ``{"error": reason}`` and the server keeps serving.
@@ -14,6 +16,7 @@ Routes: ``POST /sync``, ``GET /status``, ``GET /`` (an HTML page).
 import base64
 import binascii
 import hmac
+import io
 import json
 import logging
 import socket
@@ -179,19 +182,62 @@ class FarmServer(ThreadingHTTPServer):
         log.exception("error while serving %s", client_address[0])
 
 
+class _DeadlineReader(io.RawIOBase):
+    """A socket's reading side that gives up at a deadline.
+
+    A socket timeout bounds each read alone, so a client sending a byte
+    every few seconds could hold a connection for ever.  Each read here
+    also stops at ``deadline`` (monotonic seconds), which the handler
+    sets when it starts waiting for a request.
+    """
+
+    def __init__(self, sock, timeout):
+        super().__init__()
+        self._sock = sock
+        self._timeout = timeout
+        self.deadline = None
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        left = self._timeout
+        if self.deadline is not None:
+            left = min(left, self.deadline - time.monotonic())
+            if left <= 0:
+                raise socket.timeout("the request took too long")
+        self._sock.settimeout(left)
+        try:
+            return self._sock.recv_into(buffer)
+        finally:
+            # Writes keep the plain per-operation timeout.
+            self._sock.settimeout(self._timeout)
+
+
 class FarmHandler(BaseHTTPRequestHandler):
     """One connection from an agent or a person."""
 
     server_version = "wandb_sync_farm/" + __version__
     sys_version = ""
     protocol_version = "HTTP/1.1"
-    #: Seconds a connection may sit idle or trickle before it is closed.
+    #: Seconds a connection may sit idle, and seconds a whole request
+    #: (line, headers and body) may take to arrive, before it is closed.
     timeout = 20.0
     #: Largest unwanted body read and dropped so an error answer arrives.
     drain_limit = 1024 * 1024
     _body_read = True
 
     # -- plumbing ------------------------------------------------------
+
+    def setup(self):
+        super().setup()
+        self.rfile.close()
+        self._reader = _DeadlineReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self):
+        self._reader.deadline = time.monotonic() + self.timeout
+        super().handle_one_request()
 
     def log_message(self, format, *args):
         log.debug("%s %s", self.client_address[0],

@@ -19,6 +19,7 @@ import hmac
 import io
 import json
 import logging
+import re
 import socket
 import ssl
 import threading
@@ -296,42 +297,63 @@ class FarmHandler(BaseHTTPRequestHandler):
         return False
 
     def _drain_body(self):
-        """Read an unread body before an error answer and a close.
+        """Read an unread body before an answer.
 
-        Closing a socket with unread data makes TCP reset it, and the
-        client may lose the answer.  Bodies up to DRAIN_LIMIT are read
-        and dropped (within the handler's timeout); larger ones are not.
+        An unread body would be taken for the next request on this
+        connection, and closing a socket with unread data makes TCP reset
+        it, so the client may lose the answer.  Bodies up to DRAIN_LIMIT
+        are read and dropped (within the handler's timeout); after any
+        other the connection is closed.
         """
         if self._body_read:
             return
         self._body_read = True
         try:
-            size = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
+            size = self._content_length() or 0
+        except _HTTPError:
+            size = None
+        if size is None or size > self.drain_limit or \
+                "Transfer-Encoding" in self.headers:
+            self.close_connection = True
             return
-        while 0 < size <= self.drain_limit:
+        while size > 0:
             try:
                 chunk = self.rfile.read(min(size, 65536))
             except OSError:
-                return
+                chunk = b""
             if not chunk:
+                self.close_connection = True
                 return
             size -= len(chunk)
 
+    def _content_length(self):
+        """The declared body size, or None; _HTTPError if it is unclear.
+
+        Only ASCII digits count (``int()`` would also take ``+1``, ``1_0``
+        and other scripts' digits), and repeated headers must agree: a
+        proxy that read the other value would see a different next
+        request (RFC 9112, section 6.3).
+        """
+        values = self.headers.get_all("Content-Length")
+        if not values:
+            return None
+        texts = {value.strip() for value in values}
+        if len(texts) > 1:
+            raise _HTTPError(400, "Content-Length is given more than once "
+                             "with different values")
+        text = texts.pop()
+        if not _DECIMAL.match(text):
+            raise _HTTPError(400, "Content-Length must be a number of "
+                             "bytes")
+        return int(text)
+
     def _read_body(self):
         self._body_read = True
-        if self.headers.get("Transfer-Encoding"):
+        if "Transfer-Encoding" in self.headers:
             raise _HTTPError(411, "send the body with a Content-Length")
-        length = self.headers.get("Content-Length")
-        if length is None:
+        size = self._content_length()
+        if size is None:
             raise _HTTPError(411, "Content-Length is required")
-        try:
-            size = int(length)
-        except ValueError:
-            raise _HTTPError(400, "Content-Length is not a number") \
-                from None
-        if size < 0:
-            raise _HTTPError(400, "Content-Length is negative")
         if size > protocol.MAX_BODY_BYTES:
             self._body_read = False     # drained before the answer
             raise _HTTPError(413, "body is larger than %d bytes"
@@ -379,6 +401,7 @@ class FarmHandler(BaseHTTPRequestHandler):
                 raise _HTTPError(405, "method %s is not allowed here"
                                  % self.command, allow=True)
             route()
+            self._drain_body()
         except _HTTPError as exc:
             self._drain_body()
             headers = {}
@@ -421,6 +444,8 @@ class FarmHandler(BaseHTTPRequestHandler):
         self._send_body(200, html.encode("utf-8"),
                         "text/html; charset=utf-8")
 
+
+_DECIMAL = re.compile(r"[0-9]{1,15}\Z")
 
 _ALLOWED = {protocol.SYNC_PATH: "POST",
             protocol.STATUS_PATH: "GET, HEAD",

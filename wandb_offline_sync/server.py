@@ -22,6 +22,7 @@ import logging
 import re
 import socket
 import ssl
+import sys
 import threading
 import time
 from http import HTTPStatus
@@ -180,6 +181,13 @@ class FarmServer(ThreadingHTTPServer):
                 pass
 
     def handle_error(self, request, client_address):
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, ssl.SSLError,
+                              socket.timeout)):
+            # The client went away mid-answer: its loss, not the farm's.
+            log.debug("connection lost: client=%s error=%s",
+                      client_address[0], escape(error))
+            return
         log.exception("error while serving %s", client_address[0])
 
 
@@ -221,12 +229,17 @@ class FarmHandler(BaseHTTPRequestHandler):
     server_version = "wandb_sync_farm/" + __version__
     sys_version = ""
     protocol_version = "HTTP/1.1"
+    # Errors found before the request line's version is read are answered
+    # with a status line; http.server's HTTP/0.9 default would send the
+    # bare JSON body, which no client can read as an answer.
+    default_request_version = "HTTP/1.0"
     #: Seconds a connection may sit idle, and seconds a whole request
     #: (line, headers and body) may take to arrive, before it is closed.
     timeout = 20.0
     #: Largest unwanted body read and dropped so an error answer arrives.
     drain_limit = 1024 * 1024
     _body_read = True
+    _requested_dir = None
 
     # -- plumbing ------------------------------------------------------
 
@@ -387,6 +400,7 @@ class FarmHandler(BaseHTTPRequestHandler):
 
     def _dispatch(self, routes):
         self._body_read = False
+        self._requested_dir = None
         try:
             path = self.path.split("?", 1)[0]
             known = path in (protocol.SYNC_PATH, protocol.STATUS_PATH, "/")
@@ -413,6 +427,9 @@ class FarmHandler(BaseHTTPRequestHandler):
             headers["Connection"] = "close"
             self._send_json(exc.status, {"error": exc.reason}, headers)
         except RequestError as exc:
+            log.info("request refused: client=%s status=%d reason=%s "
+                     "dir=%s", self.client_address[0], exc.status,
+                     escape(exc), escape(self._requested_dir or "-"))
             headers = {}
             if exc.status == 503:
                 headers["Retry-After"] = "60"
@@ -422,6 +439,7 @@ class FarmHandler(BaseHTTPRequestHandler):
         body = self._read_body()
         request = protocol.parse_sync_request(
             body, self.headers.get("Content-Type"))
+        self._requested_dir = request.run_dir
         location = self.server.policy.locate(request.run_dir)
         run_id = request.run_id or \
             protocol.run_id_from_file(

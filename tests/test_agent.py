@@ -82,6 +82,22 @@ def test_growing_log_is_noticed_without_trigger(start_farm, stand_in,
         agent.stop()
 
 
+def test_quiet_job_still_sends_heartbeats(start_farm, stand_in, tmp_path,
+                                         certificate):
+    farm, client = start_farm(stand_in.command, environ=stand_in.environ)
+    run_dir = make_run_dir(tmp_path, "a2h")
+    agent = Agent(frequency=0.1, address=_address(farm.port, certificate[0]),
+                  run_dir=run_dir)
+    agent.poll_interval = 0.05
+    agent.heartbeat_interval = 0.5
+    agent.start()
+    try:
+        assert wait_until(lambda: client.run(run_dir) is not None, 10)
+        assert wait_until(lambda: client.run(run_dir)["requests"] >= 3, 10)
+    finally:
+        agent.stop()
+
+
 def test_farm_down_leaves_training_alone_and_warns_once(
         tmp_path, recorded_warnings, certificate):
     run_dir = make_run_dir(tmp_path, "a3")

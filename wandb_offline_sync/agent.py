@@ -99,6 +99,10 @@ class Agent:
     poll_interval = 1.0
     #: First pause between retries of the final request, in seconds.
     final_retry_delay = 0.2
+    #: Seconds after which the thread asks again even if the run's log
+    #: did not grow, so the farm knows the job is alive (its --stale-after
+    #: must be longer than this and than ``frequency``).
+    heartbeat_interval = 120.0
 
     def __init__(self, *, frequency=300.0, address=None, timeout=5.0,
                  final_timeout=DEFAULT_FINAL_TIMEOUT, watch=True,
@@ -113,6 +117,7 @@ class Agent:
         # Read and written on the hot path without a lock: a float store
         # is atomic, and a lost update only moves one request by a call.
         self._next_due = 0.0
+        self._last_post = float("-inf")     # monotonic; thread only
         self._wake = threading.Event()
         self._stop = threading.Event()
         # Guards _warned and each _Run's final_sent.
@@ -141,7 +146,8 @@ class Agent:
         if now < self._next_due:
             return
         self._next_due = now + self.frequency
-        self._wake.set()
+        if not self._wake.is_set():
+            self._wake.set()
 
     # -- lifecycle -----------------------------------------------------
 
@@ -205,14 +211,16 @@ class Agent:
         if run is None or run.final_sent:
             return
         size = run.log_size()
+        now = time.monotonic()
         if not woken:
-            if not self.watch or size <= run.synced_size:
+            if not self.watch or now < self._next_due:
                 return
-            now = time.monotonic()
-            if now < self._next_due:
+            recently_asked = now - self._last_post < self.heartbeat_interval
+            if size <= run.synced_size and recently_asked:
                 return
             self._next_due = now + self.frequency
         run.synced_size = size
+        self._last_post = now
         self._post(run, final=False, timeout=self.timeout)
 
     def _follow_wandb(self):

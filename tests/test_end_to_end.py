@@ -152,3 +152,74 @@ def test_sigterm_ends_the_run_with_its_exit_code(live_farm, fake,
         lambda f: f.final_state(run_id) == {"complete": True,
                                             "exitcode": 143}, 60)
     assert set(logged) <= set(fake.history_steps(run_id))
+
+
+def _script_env(farm, tmp_path):
+    environ = isolated_environ(str(tmp_path / "job"))
+    environ.update({
+        "PYTHONPATH": REPO,
+        "WANDB_X_TRANSACTION_LOG_FLUSH_INTERVAL": "1",
+        protocol.ENV_HOST: "127.0.0.1",
+        protocol.ENV_PORT: str(farm[0].port),
+        protocol.ENV_USERNAME: USERNAME,
+        protocol.ENV_PASSWORD: PASSWORD,
+        protocol.ENV_CERT: farm[1].cert,
+    })
+    return environ
+
+
+def test_example_training_script_syncs(live_farm, fake, tmp_path):
+    script = os.path.join(REPO, "examples", "train.py")
+    done = subprocess.run(
+        [sys.executable, script, "--steps", "40", "--sleep", "0.05",
+         "--frequency", "1", "--project", "example"],
+        env=_script_env(live_farm, tmp_path), cwd=str(tmp_path),
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+
+    run_id = _run_id(fake)
+    assert fake.wait_for(
+        lambda f: f.final_state(run_id) == {"complete": True,
+                                            "exitcode": 0}, 60)
+    assert set(fake.history_steps(run_id)) == set(range(40))
+    assert "final_loss" in fake.summary(run_id)
+
+
+# Two runs one after the other in one process, as sweeps and multi-run
+# jobs do; the agent is set up once.  Each run lasts a few seconds: the
+# agent looks for a new run once per poll interval.
+TWO_RUNS = textwrap.dedent("""
+    import time
+    import wandb
+    from wandb_offline_sync import agent
+
+    for number in range(2):
+        run = wandb.init(project="sweep", config={"number": number})
+        if number == 0:
+            agent.init(frequency=1)
+        for step in range(20):
+            wandb.log({"loss": 1.0 / (step + 1)})
+            time.sleep(0.1)
+        run.finish()
+""")
+
+
+def test_a_second_run_in_the_same_process_is_followed(live_farm, fake,
+                                                      tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c", TWO_RUNS],
+        env=_script_env(live_farm, tmp_path), cwd=str(tmp_path),
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+
+    assert fake.wait_for(lambda f: len(f.runs()) == 2, 60)
+    for run_id in fake.runs():
+        assert fake.wait_for(
+            lambda f: f.final_state(run_id) == {"complete": True,
+                                                "exitcode": 0}, 60)
+        assert fake.history_steps(run_id) and \
+            set(fake.history_steps(run_id)) == set(range(20))
+    numbers = sorted(fake.config_values(r)["number"] for r in fake.runs())
+    assert numbers == [0, 1]

@@ -224,7 +224,14 @@ class Agent:
         self._post(run, final=False, timeout=self.timeout)
 
     def _follow_wandb(self):
-        """Notice a finished run (send its final) and a new one."""
+        """Notice a finished run (send its final) and a new one.
+
+        Known gap: a later run that starts and finishes between two
+        looks (``poll_interval``) is never seen, so it gets no sync.  It
+        matters only for runs shorter than a second; wandb offers no
+        notice of a new run short of wrapping ``wandb.init`` (TODO: use
+        one if wandb adds it).
+        """
         if self._explicit:
             return
         current = _current_wandb_run()

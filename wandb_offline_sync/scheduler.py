@@ -587,7 +587,7 @@ class SyncScheduler:
         if attempt.outcome == OK:
             record.failures = 0
             record.last_success = self._wall()
-            record.synced_size = record.log_size
+            record.synced_size = _file_size(record.wandb_file)
             record.state = DONE
             record.finished_at = now
             log.info("live sync followed the run to its end: run=%s",

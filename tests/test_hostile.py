@@ -18,6 +18,7 @@ import select
 import socket
 import ssl
 import struct
+import threading
 import time
 from urllib.parse import urlencode
 
@@ -26,7 +27,7 @@ import pytest
 from wandb_offline_sync import protocol
 from wandb_offline_sync.server import FarmHandler
 
-from conftest import PASSWORD, USERNAME, make_run_dir
+from conftest import PASSWORD, USERNAME, make_run_dir, wait_until
 
 CLOSED = "connection closed"
 STILL_OPEN = "connection still open"
@@ -518,6 +519,46 @@ def test_slow_clients_do_not_keep_a_good_client_waiting(
     finally:
         for sock in idle:
             sock.close()
+
+
+def _pool_threads(farm):
+    name = "farm-connection-%d" % farm.port
+    return [t for t in threading.enumerate() if t.name == name]
+
+
+def _open_connections(farm, certificate, count):
+    """Serve ``count`` connections at once, then close them; return how
+    many connection threads the farm had while they were open."""
+    sockets = [tls_connect(farm.port, certificate[0], 5)
+               for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.sendall(raw("GET", protocol.STATUS_PATH))
+        for sock in sockets:
+            assert read_answer(sock, "GET")[0] == 200
+        return len(_pool_threads(farm))
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_idle_connection_threads_end(start_farm, stand_in, certificate):
+    farm, client = start_farm(stand_in.command, environ=stand_in.environ)
+    farm.server.idle_thread_timeout = 0.2
+
+    assert _open_connections(farm, certificate, 5) == 5
+    assert wait_until(lambda: not _pool_threads(farm), 10)
+    assert client.request("GET", protocol.STATUS_PATH)[0] == 200
+
+
+def test_closing_the_farm_ends_its_connection_threads(
+        start_farm, stand_in, certificate):
+    farm, client = start_farm(stand_in.command, environ=stand_in.environ)
+    assert _open_connections(farm, certificate, 5) == 5
+
+    farm.close()
+
+    assert wait_until(lambda: not _pool_threads(farm), 10)
 
 
 def test_failed_logins_are_throttled_and_never_logged(

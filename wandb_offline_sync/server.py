@@ -1,14 +1,17 @@
 """The farm's HTTPS front: TLS, basic auth, and the routes agents call.
 
-:class:`FarmServer` is a ``ThreadingHTTPServer`` that accepts plain TCP
-connections in its loop and does the TLS handshake in each connection's own
-thread, so a client that never finishes a handshake (or speaks plain HTTP
-to the TLS port) delays nobody else.  A request must arrive whole within
-the handler's timeout, so a client that trickles its headers a byte at a
-time is dropped too.  :class:`FarmHandler` checks HTTP basic
-auth, parses sync requests (see protocol), checks the run directory (see
-rundirs) and hands the run to the scheduler.  Every error is answered with
-a JSON body ``{"error": reason}`` and the server keeps serving.
+:class:`FarmServer` is an ``HTTPServer`` that accepts plain TCP connections
+in its loop and hands each to a pool of threads, one connection per thread,
+which do the TLS handshake there, so a client that never finishes a
+handshake (or speaks plain HTTP to the TLS port) delays nobody else.  The
+pool keeps idle threads for the next connections: starting a thread per
+connection made the accepting loop wait for each new thread to run, which
+capped the farm at a few hundred connections a second.  A request must
+arrive whole within the handler's timeout, so a client that trickles its
+headers a byte at a time is dropped too.  :class:`FarmHandler` checks HTTP
+basic auth, parses sync requests (see protocol), checks the run directory
+(see rundirs) and hands the run to the scheduler.  Every error is answered
+with a JSON body ``{"error": reason}`` and the server keeps serving.
 
 Routes: ``POST /sync``, ``GET /status``, ``GET /`` (an HTML page).
 """
@@ -19,6 +22,7 @@ import hmac
 import io
 import json
 import logging
+import queue
 import re
 import socket
 import ssl
@@ -26,7 +30,7 @@ import sys
 import threading
 import time
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 from . import __version__, protocol
 from .errors import RequestError
@@ -110,15 +114,18 @@ class LoginThrottle:
             self._failures.pop(address, None)
 
 
-class FarmServer(ThreadingHTTPServer):
+class FarmServer(HTTPServer):
     """HTTPS server that hands sync requests to a scheduler."""
 
-    daemon_threads = True
-    request_queue_size = 128
+    #: Connections the kernel holds until they are accepted: the agents
+    #: of a job array may all start, and connect, at once.
+    request_queue_size = 1024
     #: Seconds a client has to finish the TLS handshake.
     handshake_timeout = 10.0
     #: Connections served at once; more are closed at once.
     max_connections = 512
+    #: Seconds an idle pool thread waits for a connection before it ends.
+    idle_thread_timeout = 60.0
 
     def __init__(self, address, *, ssl_context, username, password,
                  scheduler, policy, farm_info=None, page=None,
@@ -126,6 +133,16 @@ class FarmServer(ThreadingHTTPServer):
         host = address[0]
         if ":" in host:
             self.address_family = socket.AF_INET6
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+        # Accepted connections waiting for a pool thread; None ends one.
+        self._connections = queue.SimpleQueue()
+        # Guards _pool_size and _idle_threads.  Idle threads are those
+        # waiting on _connections that no queued connection is meant for.
+        self._pool_lock = threading.Lock()
+        self._pool_size = 0
+        self._idle_threads = 0
+        # Binds and listens; on failure it calls server_close(), which
+        # needs the pool above.
         super().__init__(address, FarmHandler)
         self.ssl_context = ssl_context
         self._credentials = (username.encode("utf-8"),
@@ -135,7 +152,6 @@ class FarmServer(ThreadingHTTPServer):
         self.farm_info = dict(farm_info or {})
         self.page = page                 # callable(status dict) -> str
         self.throttle = throttle or LoginThrottle()
-        self._slots = threading.BoundedSemaphore(self.max_connections)
 
     def check_credentials(self, username, password):
         """Compare in constant time; both parts are always compared."""
@@ -152,17 +168,49 @@ class FarmServer(ThreadingHTTPServer):
                         client_address[0])
             self.shutdown_request(request)
             return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
+        self._connections.put((request, client_address))
+        with self._pool_lock:
+            if self._idle_threads:
+                self._idle_threads -= 1
+                return
+            self._pool_size += 1
+        threading.Thread(target=self._serve_connections, daemon=True,
+                         name="farm-connection-%d"
+                         % self.server_address[1]).start()
 
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
+    def _serve_connections(self):
+        """A pool thread: serve queued connections until idle too long."""
+        while True:
+            try:
+                item = self._connections.get(
+                    timeout=self.idle_thread_timeout)
+            except queue.Empty:
+                with self._pool_lock:
+                    if not self._idle_threads:
+                        continue    # a connection is queued for us
+                    self._idle_threads -= 1
+                    self._pool_size -= 1
+                return
+            if item is None:
+                return
+            request, client_address = item
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+                self._slots.release()
+            with self._pool_lock:
+                self._idle_threads += 1
+
+    def server_close(self):
+        super().server_close()
+        with self._pool_lock:
+            threads = self._pool_size
+        # Idle threads end now; busy ones when their connection ends.
+        for _ in range(threads):
+            self._connections.put(None)
 
     def finish_request(self, request, client_address):
         request.settimeout(self.handshake_timeout)
@@ -229,6 +277,10 @@ class FarmHandler(BaseHTTPRequestHandler):
     server_version = "wandb_sync_farm/" + __version__
     sys_version = ""
     protocol_version = "HTTP/1.1"
+    # An answer is buffered and sent in one write, with TCP_NODELAY (see
+    # setup): headers and body in two small writes met the client's
+    # delayed ACK and Nagle's algorithm and could wait 40 ms.
+    wbufsize = -1
     # Errors found before the request line's version is read are answered
     # with a status line; http.server's HTTP/0.9 default would send the
     # bare JSON body, which no client can read as an answer.
@@ -244,18 +296,37 @@ class FarmHandler(BaseHTTPRequestHandler):
     # -- plumbing ------------------------------------------------------
 
     def setup(self):
-        super().setup()
-        self.rfile.close()
+        # StreamRequestHandler.setup, with a reading side that keeps the
+        # request's deadline.
+        self.connection = self.request
+        self.connection.settimeout(self.timeout)
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY,
+                                   True)
         self._reader = _DeadlineReader(self.connection, self.timeout)
         self.rfile = io.BufferedReader(self._reader)
+        self.wfile = self.connection.makefile("wb", self.wbufsize)
 
     def handle_one_request(self):
         self._reader.deadline = time.monotonic() + self.timeout
         super().handle_one_request()
 
     def log_message(self, format, *args):
-        log.debug("%s %s", self.client_address[0],
-                  escape(format % args, limit=400))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s", self.client_address[0],
+                      escape(format % args, limit=400))
+
+    def date_time_string(self, timestamp=None):
+        if timestamp is not None:
+            return super().date_time_string(timestamp)
+        # Formatting the Date header is a visible part of a small answer's
+        # cost; it changes once a second.
+        global _date_header
+        now = int(time.time())
+        second, text = _date_header
+        if second != now:
+            text = super().date_time_string(now)
+            _date_header = (now, text)
+        return text
 
     def send_error(self, code, message=None, explain=None):
         """Every error, ours or http.server's, gets a JSON body."""
@@ -264,8 +335,10 @@ class FarmHandler(BaseHTTPRequestHandler):
         self._send_json(code, {"error": reason},
                         headers={"Connection": "close"})
 
-    def _send_json(self, code, payload, headers=None):
-        body = json.dumps(payload, indent=1).encode("utf-8") + b"\n"
+    def _send_json(self, code, payload, headers=None, indent=None):
+        # Without indent, json uses its C encoder; /status is indented for
+        # the people who read it with curl.
+        body = json.dumps(payload, indent=indent).encode("utf-8") + b"\n"
         self._send_body(code, body, "application/json", headers)
 
     def _send_body(self, code, body, content_type, headers=None):
@@ -278,6 +351,7 @@ class FarmHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+        self.wfile.flush()
 
     def _authorized(self):
         """Check basic auth; on failure answer and return False."""
@@ -452,7 +526,7 @@ class FarmHandler(BaseHTTPRequestHandler):
         self._send_json(202, state)
 
     def _get_status(self):
-        self._send_json(200, self.server.status())
+        self._send_json(200, self.server.status(), indent=1)
 
     def _get_page(self):
         if self.server.page is None:
@@ -462,6 +536,9 @@ class FarmHandler(BaseHTTPRequestHandler):
         self._send_body(200, html.encode("utf-8"),
                         "text/html; charset=utf-8")
 
+
+# (second, its Date header), shared by the handlers.
+_date_header = (None, None)
 
 _DECIMAL = re.compile(r"[0-9]{1,15}\Z")
 

@@ -330,10 +330,11 @@ class WandbCli:
         with self._lock:
             if self._closed:
                 return None
+            env = dict(self.environ if env is None else env,
+                       WANDB_DIR=workdir)
             proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, cwd=workdir,
-                env=self.environ if env is None else env,
+                stderr=subprocess.STDOUT, cwd=workdir, env=env,
                 start_new_session=True)
             self._running.add(proc)
         # Lets a farm restarted after kill -9 end what it left running.
@@ -347,15 +348,21 @@ class WandbCli:
         With ``reap_only``, only make sure nothing of the group is left
         after the leader exited by itself.
         """
+        # wandb-core, the CLI's service process, starts a session of its
+        # own, so the group does not reach it: it is found as a
+        # descendant while the CLI still lives.
+        others = [] if reap_only else _descendants(proc.pid)
         if not reap_only:
             _signal_group(proc.pid, signal.SIGTERM)
+            _signal_each(others, signal.SIGTERM)
             try:
                 proc.wait(self.kill_grace)
             except subprocess.TimeoutExpired:
                 pass
-        # Children of the CLI (its wandb-core service) live in the same
-        # group and may outlast it; none of them may stay behind.
+        # What is left of the group (children of a killed CLI) must not
+        # outlast it.
         _signal_group(proc.pid, signal.SIGKILL)
+        _signal_each(others, signal.SIGKILL)
         proc.wait()
         with self._lock:
             self._running.discard(proc)
@@ -385,6 +392,7 @@ class LiveSync:
         self._out_path = out_path
         self._offset = 0
         self._tail = []
+        self._others = []             # descendants outside the group
 
     def poll(self):
         """The exit code, or None while it runs."""
@@ -416,10 +424,13 @@ class LiveSync:
         return lines
 
     def terminate(self):
+        self._others = _descendants(self.pid)
         _signal_group(self.pid, signal.SIGTERM)
+        _signal_each(self._others, signal.SIGTERM)
 
     def kill(self):
         _signal_group(self.pid, signal.SIGKILL)
+        _signal_each(self._others or _descendants(self.pid), signal.SIGKILL)
 
     def finish(self):
         """Reap the exited process and judge its whole life as an Attempt.
@@ -450,6 +461,39 @@ class LiveSync:
                        run_url=self.run_url)
 
 
+def _descendants(pid):
+    """Pids of every living descendant of ``pid``, from /proc."""
+    children = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name, "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(name))
+    found = []
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), ()):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def _signal_each(pids, signum):
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def _signal_group(pgid, signum):
     try:
         os.killpg(pgid, signum)
@@ -468,6 +512,8 @@ _CHILD_DEFAULTS = {
 
 
 def _child_environ(environ):
+    # WANDB_DIR is set per sync to its scratch directory, where the CLI's
+    # debug logs then go and are removed with it.
     env = dict(_CHILD_DEFAULTS)
     env.update(environ)
     # WANDB_SILENT hides the ERROR lines the farm judges attempts by, and

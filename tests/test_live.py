@@ -28,6 +28,7 @@ def _live_farm(start_farm, fake, tmp_path, **settings):
     settings.setdefault("backoff_cap", 2.0)
     settings.setdefault("tick", 0.2)
     settings.setdefault("watch_interval", 0.5)
+    settings.setdefault("live_group_wait", 0.5)
     return start_farm([WANDB], environ=environ, timeout=120, live=True,
                       live_interval=1.0, scheduler_settings=settings)
 

@@ -23,6 +23,7 @@ class FakeLive:
         self.terminated = False
         self.killed = False
         self.ignore_terminate = False
+        self.run_urls = {}
 
     def poll(self):
         return self.code
@@ -63,10 +64,10 @@ class Lives:
         self.started = []
         self.lock = threading.Lock()
 
-    def __call__(self, record):
+    def __call__(self, records):
         with self.lock:
             live = FakeLive(1000 + len(self.started))
-            self.started.append((record.run_dir, live))
+            self.started.append(([r.run_dir for r in records], live))
             return live
 
     def last(self):
@@ -79,6 +80,7 @@ def _scheduler(tmp_path, sync=None, clock=None, **settings):
     settings.setdefault("watch_interval", 0.0)
     settings.setdefault("backoff_base", 1.0)
     settings.setdefault("backoff_cap", 1.0)
+    settings.setdefault("live_group_wait", 0.0)
     lives = Lives()
     scheduler = SyncScheduler(sync or ScriptedSync(), start_live=lives,
                               clock=clock or Clock(), **settings)
@@ -89,7 +91,7 @@ def _run_dir(tmp_path, name="r1"):
     run_dir = tmp_path / name
     run_dir.mkdir()
     log = run_dir / ("run-%s.wandb" % name)
-    log.write_bytes(b"header")
+    log.write_bytes(b"header and a first record" * 4)
     return str(run_dir), str(log)
 
 
@@ -210,7 +212,8 @@ def test_runs_beyond_max_live_are_synced_periodically(tmp_path):
         for name in ("a", "b", "c"):
             run_dir, log = _run_dir(tmp_path, name)
             scheduler.request(run_dir, name, wandb_file=log)
-        assert _wait(lambda: len(lives.started) == 2)
+        assert _wait(lambda: sum(len(dirs) for dirs, _ in lives.started)
+                     == 2)
         assert scheduler.wait_idle(5)
         modes = sorted(r["mode"] for r in scheduler.status())
     finally:
@@ -277,3 +280,93 @@ def test_unreadable_state_file_is_moved_aside(tmp_path):
     assert store.load() == []
     assert [p for p in os.listdir(str(state_dir))
             if p.startswith("runs.json.unreadable-")]
+
+
+def test_runs_that_arrive_together_share_one_live_sync(tmp_path):
+    clock = Clock()
+    scheduler, lives = _scheduler(tmp_path, clock=clock, live_group_wait=5,
+                                  live_group_size=3)
+    try:
+        for name in ("a", "b", "c", "d"):
+            run_dir, log = _run_dir(tmp_path, name)
+            scheduler.request(run_dir, name, wandb_file=log)
+        # Three fill a process at once; the fourth waits for company.
+        assert _wait(lambda: len(lives.started) == 1)
+        time.sleep(0.1)
+        assert len(lives.started) == 1
+        clock.now += 6
+        assert _wait(lambda: len(lives.started) == 2)
+        time.sleep(0.1)
+        sizes = sorted(len(dirs) for dirs, _ in lives.started)
+        record = scheduler.get(str(tmp_path / "a"))
+    finally:
+        scheduler.close()
+    assert sizes == [1, 3]
+    assert record["live"]["alive"]
+
+
+def test_a_header_only_log_waits_before_joining_a_live_sync(tmp_path):
+    scheduler, lives = _scheduler(tmp_path)
+    run_dir, log = _run_dir(tmp_path)
+    with open(log, "wb") as f:
+        f.write(b"header!")
+    try:
+        scheduler.request(run_dir, "r1", wandb_file=log)
+        time.sleep(0.2)
+        assert lives.started == []
+        with open(log, "ab") as f:
+            f.write(b"x" * 100)
+        assert _wait(lambda: len(lives.started) == 1)
+    finally:
+        scheduler.close()
+
+
+def test_a_run_marked_synced_is_done_while_its_process_goes_on(tmp_path):
+    clock = Clock()
+    scheduler, lives = _scheduler(tmp_path, clock=clock, live_group_wait=5)
+    a_dir, a_log = _run_dir(tmp_path, "a")
+    b_dir, b_log = _run_dir(tmp_path, "b")
+    try:
+        scheduler.request(a_dir, "a", wandb_file=a_log)
+        scheduler.request(b_dir, "b", wandb_file=b_log)
+        time.sleep(0.1)
+        clock.now += 6
+        assert _wait(lambda: len(lives.started) == 1)
+        assert lives.started[0][0] == [a_dir, b_dir]
+        with open(a_log + ".synced", "w"):
+            pass
+        assert _wait(lambda: scheduler.get(a_dir)["state"] == "done")
+        assert scheduler.get(b_dir)["state"] == "live"
+        assert not lives.last().terminated
+    finally:
+        scheduler.close()
+
+
+def test_a_quiet_run_stops_its_process_and_the_others_move_on(tmp_path):
+    clock = Clock()
+    sync = ScriptedSync()
+    scheduler, lives = _scheduler(tmp_path, sync, clock, stale_after=60,
+                                  live_group_wait=5)
+    a_dir, a_log = _run_dir(tmp_path, "a")
+    b_dir, b_log = _run_dir(tmp_path, "b")
+    try:
+        scheduler.request(a_dir, "a", wandb_file=a_log)
+        scheduler.request(b_dir, "b", wandb_file=b_log)
+        time.sleep(0.1)
+        clock.now += 6
+        assert _wait(lambda: len(lives.started) == 1)
+        clock.now += 44
+        scheduler.request(b_dir, "b", wandb_file=b_log)   # b is alive
+        clock.now += 20                                  # a went quiet
+        assert _wait(lambda: scheduler.get(a_dir)["state"] == "done")
+        time.sleep(0.1)
+        clock.now += 6                                   # b regroups
+        assert _wait(lambda: len(lives.started) == 2)
+        assert lives.started[1][0] == [b_dir]
+        record = scheduler.get(b_dir)
+    finally:
+        scheduler.close()
+    assert lives.started[0][1].terminated
+    assert sync.calls == [True], "one ordinary sync, for the quiet run"
+    assert record["state"] == "live"
+    assert record["failures_in_a_row"] == 0

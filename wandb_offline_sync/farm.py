@@ -268,8 +268,9 @@ class Farm:
     def _sync(self, record):
         return self.cli.sync(record.run_dir)
 
-    def _start_live(self, record):
-        return self.cli.start_live(record.run_dir, self.live_interval)
+    def _start_live(self, records):
+        return self.cli.start_live([r.run_dir for r in records],
+                                   self.live_interval)
 
     def start(self):
         self._thread.start()

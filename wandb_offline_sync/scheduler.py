@@ -3,14 +3,21 @@
 The scheduler keeps a :class:`RunRecord` per run directory and works in
 one of two modes per run:
 
-* **live**: the first request starts ``wandb beta sync --live`` for the
-  run, which sends only new rows and keeps the run "running" on W&B.
-  Later requests are heartbeats and cost a dict update.  A final request
-  lets the live sync end on its own; if it has not ended ``live_grace``
-  seconds later, it is stopped and the run is finished with one ordinary
-  sync.  A live sync that ends or is killed while the run is active is
-  restarted with backoff.  At most ``max_live`` run live at once; runs
-  beyond that are synced periodically.
+* **live**: runs are followed by ``wandb beta sync --live``, which sends
+  only new rows and keeps a run "running" on W&B.  One such process costs
+  about 100 MB, so runs share them: a new run waits up to
+  ``live_group_wait`` seconds for others, then up to ``live_group_size``
+  runs start one process together.  Runs cannot join a process that is
+  running, and stopping one sends every run in it again from the start,
+  so a process is only stopped for cause.  Later requests for a followed
+  run are heartbeats and cost a dict update.  A run is done when wandb
+  marks it synced; the process exits by itself after its last run.  If
+  a run has not ended ``live_grace`` seconds after its final request, its
+  process is stopped, that run is finished with one ordinary sync, and
+  the others start a new live sync.  A process that ends or is killed
+  while its runs are active is restarted with backoff.  At most
+  ``max_live`` runs are followed live; runs beyond that are synced
+  periodically.
 * **periodic**: a request queues one ``wandb sync`` unless the run's log
   has not grown since the last successful one.  Requests that arrive
   while it runs collapse into exactly one follow-up.  ``max_workers``
@@ -18,8 +25,9 @@ one of two modes per run:
 
 Either way, a run whose heartbeats stop *and* whose transaction log stops
 growing for ``stale_after`` seconds is taken to have died without a
-final request (kill -9, node failure): its live sync is stopped and it is
-finished with one ordinary sync, which W&B shows as crashed (or as
+final request (kill -9, node failure): its live sync is stopped (the
+other runs in it start a new one) and it is finished with one ordinary
+sync, which W&B shows as crashed (or as
 finished, if the job ended cleanly and only its final request was lost).
 
 After each attempt the outcome decides what follows (see wandbcli): a
@@ -92,11 +100,11 @@ class RunRecord:
         self.growth_rate = 0.0         # bytes per second, smoothed
         self.next_watch = now
         self.synced_size = None        # log size at the last OK sync
-        # The live sync, when one runs.
-        self.live = None               # wandbcli.LiveSync
-        self.live_started = None       # wall clock
+        # The live sync, when one follows the run.
+        self.live = None               # _LiveGroup
         self.live_stop_sent = None     # scheduler clock of SIGTERM
         self.live_restart_due = None   # scheduler clock
+        self.live_waiting_since = None  # scheduler clock
         self.live_restarts = 0
 
     def to_dict(self, now, wall_now):
@@ -105,7 +113,8 @@ class RunRecord:
                 return None
             return wall_now + (moment - now)
 
-        live = self.live
+        group = self.live
+        live = group.process if group is not None else None
         return {
             "run_id": self.run_id,
             "run_dir": self.run_dir,
@@ -129,7 +138,9 @@ class RunRecord:
             "live": None if self.mode != LIVE_MODE else {
                 "alive": live is not None and live.poll() is None,
                 "pid": live.pid if live is not None else None,
-                "started": self.live_started if live is not None else None,
+                "started": group.started if group is not None else None,
+                "runs_in_process": (len(group.members) if group is not None
+                                    else 0),
                 "restarts": self.live_restarts,
                 "error_lines": live.error_lines if live is not None else 0,
                 "last_error": live.last_error if live is not None else None,
@@ -171,6 +182,28 @@ class _SavedAttempt:
         return dict(self._fields)
 
 
+class _LiveGroup:
+    """One live sync process and the runs it follows."""
+
+    def __init__(self, process, members, started):
+        self.process = process         # wandbcli.LiveSync
+        self.members = set(members)    # RunRecords not yet done
+        self.started = started         # wall clock
+        self.stop_sent = None          # scheduler clock of SIGTERM
+
+    def finished(self, record):
+        """Whether the live sync finished ``record``'s run.
+
+        wandb writes ``run-<id>.wandb.synced`` when it has sent a run's
+        end; one older than this process says nothing.
+        """
+        try:
+            marked = os.stat(record.wandb_file + ".synced").st_mtime
+        except (OSError, TypeError):
+            return False
+        return marked >= self.started - 1.0
+
+
 class SyncScheduler:
     """Queues, runs, follows and retries syncs for many runs."""
 
@@ -203,6 +236,15 @@ class SyncScheduler:
     tick = 0.5
     #: Seconds between SIGTERM and SIGKILL for a live sync.
     kill_grace = 3.0
+    #: Runs one live sync process follows at most.  One process costs
+    #: about 100 MB, and each run it follows about 0.7 MB more.
+    live_group_size = 10
+    #: Seconds a run waits for others to share a new live sync with.
+    live_group_wait = 3.0
+    #: Bytes a run's log needs before a live sync may follow it (wandb
+    #: writes a 7-byte header first, and a header-only log stalls every
+    #: run of the same live sync).
+    live_min_log_bytes = 64
 
     def __init__(self, sync, *, start_live=None, max_workers=5, store=None,
                  clock=time.monotonic, wall_clock=time.time, **settings):
@@ -211,7 +253,7 @@ class SyncScheduler:
                 raise TypeError("unknown scheduler setting %r" % name)
             setattr(self, name, value)
         self._sync = sync              # callable(record) -> Attempt
-        self._start_live = start_live  # callable(record) -> LiveSync
+        self._start_live = start_live  # callable(records) -> LiveSync
         self._store = store
         self._clock = clock
         self._wall = wall_clock
@@ -223,6 +265,7 @@ class SyncScheduler:
         self._sequence = 0
         self._closing = False
         self._live_count = 0
+        self._groups = set()           # _LiveGroup objects running
         self._save_wanted = 0          # generations of state asked for
         self._save_done = 0            # generations written
         if store is not None:
@@ -356,9 +399,9 @@ class SyncScheduler:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         with self._cond:
-            for record in self._runs.values():
-                if record.live is not None and record.live.poll() is None:
-                    record.live.kill()
+            for group in self._groups:
+                if group.process.poll() is None:
+                    group.process.kill()
         if self._store is not None:
             self._save_now()
 
@@ -491,31 +534,57 @@ class SyncScheduler:
         with self._cond:
             while not self._closing:
                 now = self._clock()
+                waiting = []
                 for record in list(self._runs.values()):
                     try:
-                        self._supervise(record, now)
+                        if self._supervise(record, now):
+                            waiting.append(record)
                     except Exception:
                         log.exception("supervising run=%s failed",
                                       record.run_id)
+                for group in list(self._groups):
+                    try:
+                        self._supervise_group(group, now)
+                    except Exception:
+                        log.exception("supervising live sync pid=%d "
+                                      "failed", group.process.pid)
+                if waiting:
+                    self._launch_groups(waiting, now)
                 self._cond.wait(self.tick)
 
     def _supervise(self, record, now):
-        """One look at one run.  Holds the lock."""
+        """One look at one run; True if it waits for a live sync.
+
+        Holds the lock.
+        """
         if record.state in (DONE, FAILED) and record.live is None:
-            return
+            return False
         if now >= record.next_watch:
             self._watch_log(record, now)
         if record.live is not None:
-            self._supervise_live(record, now)
-        elif record.state == IDLE and record.mode == LIVE_MODE and \
-                not record.final_requested and record.requests and (
-                    record.live_restart_due is None or
-                    now >= record.live_restart_due):
-            self._launch_live(record, now)
-        if record.live is None and record.state == IDLE and \
-                not record.final_requested and self._is_stale(record, now):
+            if record.live_stop_sent is None and (
+                    self._is_stale(record, now) or
+                    self._past_final_grace(record, now)):
+                if not record.final_requested:
+                    self._finish_quiet_run(record)
+                else:
+                    log.warning("live sync did not end %.0fs after the "
+                                "final request; stopping it: run=%s",
+                                self.live_grace, record.run_id)
+                self._stop_group(record.live, now)
+            return False
+        if record.state != IDLE or record.final_requested:
+            return False
+        if self._is_stale(record, now):
             self._finish_quiet_run(record)
             self._enqueue(record)
+            return False
+        return (record.mode == LIVE_MODE and record.requests and
+                (record.live_restart_due is None or
+                 now >= record.live_restart_due) and
+                # A log that holds only its header would hold up every
+                # run in the same live sync until it is written.
+                (record.log_size or 0) >= self.live_min_log_bytes)
 
     def _watch_log(self, record, now):
         record.next_watch = now + self.watch_interval
@@ -542,68 +611,116 @@ class SyncScheduler:
                     "run: run=%s", self.stale_after, record.run_id)
         self._want_save()
 
-    def _launch_live(self, record, now):
+    def _past_final_grace(self, record, now):
+        return (record.final_requested and
+                record.final_deadline is not None and
+                now >= record.final_deadline)
+
+    def _launch_groups(self, waiting, now):
+        """Start live syncs for runs that wait: full groups at once, the
+        rest once the longest-waiting of them has waited long enough."""
+        for record in waiting:
+            if record.live_waiting_since is None:
+                record.live_waiting_since = now
+        waiting.sort(key=lambda r: r.live_waiting_since)
+        size = self.live_group_size
+        for first in range(0, len(waiting), size):
+            members = waiting[first:first + size]
+            if len(members) < size and \
+                    now - members[0].live_waiting_since < \
+                    self.live_group_wait:
+                return      # a few more may come and share the process
+            self._launch_group(members, now)
+
+    def _launch_group(self, members, now):
         try:
-            record.live = self._start_live(record)
+            process = self._start_live(members)
         except Exception as exc:
-            record.failures += 1
-            record.live_restart_due = now + self._backoff(record.failures)
-            log.error("cannot start live sync: run=%s error=%s",
-                      record.run_id, exc)
+            for record in members:
+                record.failures += 1
+                record.live_restart_due = now + self._backoff(
+                    record.failures)
+                record.live_waiting_since = None
+            log.error("cannot start live sync: runs=%s error=%s",
+                      ",".join(str(r.run_id) for r in members), exc)
             return
-        record.state = LIVE
-        record.live_started = self._wall()
-        record.live_stop_sent = None
-        log.info("live sync started: run=%s pid=%d", record.run_id,
-                 record.live.pid)
+        group = _LiveGroup(process, members, self._wall())
+        self._groups.add(group)
+        for record in members:
+            record.live = group
+            record.state = LIVE
+            record.live_stop_sent = None
+            record.live_waiting_since = None
+        log.info("live sync started: pid=%d runs=%s", process.pid,
+                 ",".join(str(r.run_id) for r in members))
 
-    def _supervise_live(self, record, now):
-        live = record.live
-        live.read_new_lines()
-        if live.poll() is not None:
-            self._live_ended(record, now)
-        elif record.live_stop_sent is not None:
-            if now - record.live_stop_sent >= self.kill_grace:
-                live.kill()
-        elif record.final_requested and record.final_deadline is not None \
-                and now >= record.final_deadline:
-            log.warning("live sync did not end %.0fs after the final "
-                        "request; stopping it: run=%s", self.live_grace,
-                        record.run_id)
-            self._stop_live(record, now)
-        elif self._is_stale(record, now):
-            self._finish_quiet_run(record)
-            self._stop_live(record, now)
+    def _supervise_group(self, group, now):
+        process = group.process
+        process.read_new_lines()
+        if process.poll() is not None:
+            self._group_ended(group, now)
+            return
+        if group.stop_sent is not None:
+            if now - group.stop_sent >= self.kill_grace:
+                process.kill()
+            return
+        for record in list(group.members):
+            url = process.run_urls.get(record.run_id)
+            if url:
+                record.run_url = url
+            if group.finished(record):
+                self._live_member_done(group, record, now)
 
-    def _stop_live(self, record, now):
-        record.live.terminate()
-        record.live_stop_sent = now
+    def _stop_group(self, group, now):
+        group.process.terminate()
+        group.stop_sent = now
+        for record in group.members:
+            record.live_stop_sent = now
 
-    def _live_ended(self, record, now):
-        attempt = record.live.finish()
+    def _live_member_done(self, group, record, now):
+        group.members.discard(record)
         record.live = None
         record.live_stop_sent = None
-        self._note_attempt(record, attempt)
-        if attempt.outcome == OK:
-            record.failures = 0
-            record.last_success = self._wall()
-            record.synced_size = _file_size(record.wandb_file)
-            record.state = DONE
-            record.finished_at = now
-            log.info("live sync followed the run to its end: run=%s",
-                     record.run_id)
-        elif record.final_requested:
-            log.info("finishing the run with an ordinary sync: run=%s",
-                     record.run_id)
-            self._enqueue(record)
-        else:
-            record.failures += 1
-            record.live_restarts += 1
-            record.state = IDLE
-            delay = self._backoff(record.failures)
-            record.live_restart_due = now + delay
-            log.warning("live sync ended early, restart in %.0fs: run=%s "
-                        "reason=%s", delay, record.run_id, attempt.reason)
+        record.failures = 0
+        record.last_success = self._wall()
+        record.synced_size = _file_size(record.wandb_file)
+        record.state = DONE
+        record.finished_at = now
+        log.info("live sync followed the run to its end: run=%s",
+                 record.run_id)
+        self._want_save()
+
+    def _group_ended(self, group, now):
+        attempt = group.process.finish()
+        self._groups.discard(group)
+        stopped = group.stop_sent is not None
+        for record in list(group.members):
+            self._note_attempt(record, attempt)
+            if group.finished(record) or (attempt.outcome == OK and
+                                          not stopped):
+                self._live_member_done(group, record, now)
+                continue
+            record.live = None
+            record.live_stop_sent = None
+            if record.final_requested:
+                log.info("finishing the run with an ordinary sync: run=%s",
+                         record.run_id)
+                self._enqueue(record)
+            elif stopped:
+                # Stopped because of another run in the same process:
+                # back in line for a new live sync at once.
+                record.state = IDLE
+                record.live_restarts += 1
+            else:
+                record.failures += 1
+                record.live_restarts += 1
+                record.state = IDLE
+                delay = self._backoff(record.failures)
+                record.live_restart_due = now + delay
+                log.warning("live sync ended early, restart in %.0fs: "
+                            "run=%s reason=%s", delay, record.run_id,
+                            attempt.reason)
+        group.members.clear()
         self._want_save()
 
     # -- forgetting and remembering ------------------------------------

@@ -69,7 +69,7 @@ _PATTERNS = tuple((re.compile(pattern, re.IGNORECASE), outcome, reason)
      "W&B did not accept the data; will retry"),
 ))
 _PGID_FILE = "pgid"
-_RUN_URL = re.compile(r"View run \S+ at (https?://\S+)")
+_RUN_URL = re.compile(r"View run (\S+) at (https?://\S+)")
 # How many lines of the CLI's stderr an attempt keeps for /status.
 TAIL_LINES = 20
 
@@ -104,7 +104,7 @@ class Attempt:
 def find_run_url(output):
     """The run's page on W&B, from wandb's "View run ... at URL" line."""
     match = _RUN_URL.search(output)
-    return match.group(1) if match else None
+    return match.group(2) if match else None
 
 
 def classify(exit_code, output, timed_out=False):
@@ -157,13 +157,16 @@ class WandbCli:
         argv.append(run_dir)
         return argv
 
-    def live_argv(self, run_dir):
-        """The argv that follows ``run_dir`` live until the run ends."""
-        argv = self.command + ["beta", "sync", "--live", "--no-skip-synced"]
-        if not os.path.basename(run_dir).startswith("offline-"):
+    def live_argv(self, run_dirs):
+        """The argv that follows ``run_dirs`` live until their runs end."""
+        # -n: wandb follows only that many runs at once (5 by default)
+        # and starts the others when those end.
+        argv = self.command + ["beta", "sync", "--live", "--no-skip-synced",
+                               "-n", str(max(1, len(run_dirs)))]
+        if any(not os.path.basename(d).startswith("offline-")
+               for d in run_dirs):
             argv.append("--no-skip-online")
-        argv.append(run_dir)
-        return argv
+        return argv + list(run_dirs)
 
     def supports_live(self):
         """Whether the installed CLI offers ``beta sync --live``."""
@@ -177,13 +180,14 @@ class WandbCli:
             return False
         return done.returncode == 0 and b"--live" in done.stdout
 
-    def start_live(self, run_dir, transmit_interval=2.0):
-        """Start following ``run_dir`` live; return its :class:`LiveSync`.
+    def start_live(self, run_dirs, transmit_interval=2.0):
+        """Start following ``run_dirs`` live in one process; return its
+        :class:`LiveSync`.
 
         Raises OSError when the CLI cannot be started, and RuntimeError
         when the farm is closing.
         """
-        argv = self.live_argv(run_dir)
+        argv = self.live_argv(run_dirs)
         os.makedirs(self.work_root, exist_ok=True)
         workdir = tempfile.mkdtemp(prefix="live-", dir=self.work_root)
         out_path = os.path.join(workdir, "output.txt")
@@ -387,7 +391,7 @@ class LiveSync:
         self.started = time.time()
         self.error_lines = 0          # wandb ERROR lines printed so far
         self.last_error = None
-        self.run_url = None
+        self.run_urls = {}            # run id -> its page on W&B
         self._workdir = workdir
         self._out_path = out_path
         self._offset = 0
@@ -415,8 +419,9 @@ class LiveSync:
             if _ERROR_LINE.search(line):
                 self.error_lines += 1
                 self.last_error = line.strip()[:300]
-            if self.run_url is None:
-                self.run_url = find_run_url(line)
+            match = _RUN_URL.search(line)
+            if match:
+                self.run_urls[match.group(1)] = match.group(2)
         self._tail = (self._tail + lines)[-TAIL_LINES:]
         if self._cli.verbose:
             for line in lines:
@@ -457,8 +462,7 @@ class LiveSync:
         return Attempt(started=self.started, ended=time.time(),
                        exit_code=exit_code, timed_out=False,
                        outcome=outcome, reason=reason,
-                       stderr_tail=list(self._tail), argv=self.argv,
-                       run_url=self.run_url)
+                       stderr_tail=list(self._tail), argv=self.argv)
 
 
 def _descendants(pid):

@@ -370,3 +370,19 @@ def test_a_quiet_run_stops_its_process_and_the_others_move_on(tmp_path):
     assert sync.calls == [True], "one ordinary sync, for the quiet run"
     assert record["state"] == "live"
     assert record["failures_in_a_row"] == 0
+
+
+def test_a_run_marked_synced_after_errors_gets_an_ordinary_sync(tmp_path):
+    sync = ScriptedSync()
+    scheduler, lives = _scheduler(tmp_path, sync)
+    run_dir, log = _run_dir(tmp_path)
+    try:
+        scheduler.request(run_dir, "r1", wandb_file=log)
+        assert _wait(lambda: lives.started)
+        lives.last().error_lines = 1       # e.g. a lost upload
+        with open(log + ".synced", "w"):
+            pass
+        assert _wait(lambda: scheduler.get(run_dir)["state"] == "done")
+    finally:
+        scheduler.close()
+    assert sync.calls == [True]

@@ -668,7 +668,19 @@ class SyncScheduler:
             url = process.run_urls.get(record.run_id)
             if url:
                 record.run_url = url
-            if group.finished(record):
+            if not group.finished(record):
+                continue
+            if process.error_lines:
+                # wandb marks a run synced even when it lost some of its
+                # data on the way; an ordinary sync sends it all again.
+                group.members.discard(record)
+                record.live = None
+                record.final_requested = True
+                log.info("live sync reported errors; finishing the run "
+                         "with an ordinary sync: run=%s", record.run_id)
+                self._enqueue(record)
+                self._want_save()
+            else:
                 self._live_member_done(group, record, now)
 
     def _stop_group(self, group, now):
@@ -696,10 +708,12 @@ class SyncScheduler:
         stopped = group.stop_sent is not None
         for record in list(group.members):
             self._note_attempt(record, attempt)
-            if group.finished(record) or (attempt.outcome == OK and
+            if attempt.outcome == OK and (group.finished(record) or
                                           not stopped):
                 self._live_member_done(group, record, now)
                 continue
+            if group.finished(record):
+                record.final_requested = True   # ended, maybe with gaps
             record.live = None
             record.live_stop_sent = None
             if record.final_requested:

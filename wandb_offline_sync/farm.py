@@ -116,6 +116,10 @@ def build_parser():
         help="seconds a live sync may take to end after the run's final "
              "request (default: %(default)s)")
     parser.add_argument(
+        "--live-group-size", type=int, default=SyncScheduler.live_group_size,
+        help="runs one live sync process follows at most "
+             "(default: %(default)s)")
+    parser.add_argument(
         "--max-live", type=int, default=SyncScheduler.max_live,
         help="live syncs at most at once; further runs are synced "
              "periodically (default: %(default)s)")
@@ -196,10 +200,15 @@ def serve(args):
             "num_threads": args.num_threads,
             "sync_timeout": args.sync_timeout,
             "live_interval": args.live_interval,
+            "live_group_size": args.live_group_size,
             "stale_after": args.stale_after,
             "allow_roots": list(policy.allow_roots)}
     log.info("sync mode: %s (%s)", mode, why)
+    if args.live_group_size < 1 or args.max_live < 0:
+        raise ConfigError("--live-group-size must be at least 1 and "
+                          "--max-live at least 0")
     settings = {"live_grace": args.live_grace, "max_live": args.max_live,
+                "live_group_size": args.live_group_size,
                 "stale_after": args.stale_after}
     try:
         farm = Farm((args.host, port), ssl_context=context,

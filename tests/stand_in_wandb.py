@@ -43,7 +43,7 @@ def main(argv):
         print("wandb, version 0.0.0 (stand-in)")
         return 0
     if "--help" in argv:
-        print("Usage: wandb %s [OPTIONS]  (stand-in, no --live)"
+        print("Usage: wandb %s [OPTIONS]  (stand-in: offers no live sync)"
               % " ".join(argv[:-1]))
         return 0
     folder = os.environ["STAND_IN_DIR"]

@@ -178,7 +178,8 @@ class WandbCli:
                 cwd=self.work_root)
         except (OSError, subprocess.SubprocessError):
             return False
-        return done.returncode == 0 and b"--live" in done.stdout
+        return done.returncode == 0 and \
+            re.search(rb"^\s+--live\b", done.stdout, re.M) is not None
 
     def start_live(self, run_dirs, transmit_interval=2.0):
         """Start following ``run_dirs`` live in one process; return its

@@ -171,6 +171,7 @@ class WandbCli:
     def supports_live(self):
         """Whether the installed CLI offers ``beta sync --live``."""
         try:
+            os.makedirs(self.work_root, exist_ok=True)
             done = subprocess.run(
                 self.command + ["beta", "sync", "--help"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

@@ -49,18 +49,32 @@ def fake():
         yield server
 
 
-@pytest.fixture
-def live_farm(start_farm, fake, tmp_path):
+def real_farm(start_farm, fake, tmp_path, live=False, **settings):
+    """A farm running the real wandb CLI against ``fake``, with short
+    backoffs and quick supervision for tests; returns (farm, client)."""
     environ = isolated_environ(str(tmp_path / "farm-env"))
     del environ["WANDB_MODE"]
     environ.update(FAST_FAILURE, WANDB_BASE_URL=fake.url,
                    WANDB_API_KEY=API_KEY)
+    settings.setdefault("backoff_base", 0.5)
+    settings.setdefault("backoff_cap", 2.0)
+    settings.setdefault("tick", 0.2)
+    settings.setdefault("watch_interval", 0.5)
+    settings.setdefault("live_group_wait", 0.5)
     return start_farm([WANDB], environ=environ, timeout=120, num_threads=2,
-                      scheduler_settings={"backoff_base": 0.5,
-                                          "backoff_cap": 2.0})
+                      live=live, live_interval=1.0,
+                      scheduler_settings=settings)
 
 
-def _job(farm, tmp_path, seconds):
+@pytest.fixture
+def live_farm(start_farm, fake, tmp_path):
+    """A farm in periodic mode (the name is kept for other test groups:
+    it syncs while the job runs)."""
+    return real_farm(start_farm, fake, tmp_path)
+
+
+def job_environ(farm, tmp_path):
+    """The environment of a training job that reaches ``farm``."""
     environ = isolated_environ(str(tmp_path / "job"))
     environ.update({
         "PYTHONPATH": REPO,
@@ -71,8 +85,13 @@ def _job(farm, tmp_path, seconds):
         protocol.ENV_PASSWORD: PASSWORD,
         protocol.ENV_CERT: farm[1].cert,
     })
+    return environ
+
+
+def _job(farm, tmp_path, seconds):
     return subprocess.Popen(
-        [sys.executable, "-c", TRAIN, str(seconds)], env=environ,
+        [sys.executable, "-c", TRAIN, str(seconds)],
+        env=job_environ(farm, tmp_path),
         cwd=str(tmp_path), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE)
 
@@ -154,26 +173,12 @@ def test_sigterm_ends_the_run_with_its_exit_code(live_farm, fake,
     assert set(logged) <= set(fake.history_steps(run_id))
 
 
-def _script_env(farm, tmp_path):
-    environ = isolated_environ(str(tmp_path / "job"))
-    environ.update({
-        "PYTHONPATH": REPO,
-        "WANDB_X_TRANSACTION_LOG_FLUSH_INTERVAL": "1",
-        protocol.ENV_HOST: "127.0.0.1",
-        protocol.ENV_PORT: str(farm[0].port),
-        protocol.ENV_USERNAME: USERNAME,
-        protocol.ENV_PASSWORD: PASSWORD,
-        protocol.ENV_CERT: farm[1].cert,
-    })
-    return environ
-
-
 def test_example_training_script_syncs(live_farm, fake, tmp_path):
     script = os.path.join(REPO, "examples", "train.py")
     done = subprocess.run(
         [sys.executable, script, "--steps", "40", "--sleep", "0.05",
          "--frequency", "1", "--project", "example"],
-        env=_script_env(live_farm, tmp_path), cwd=str(tmp_path),
+        env=job_environ(live_farm, tmp_path), cwd=str(tmp_path),
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, timeout=120)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
@@ -209,7 +214,7 @@ def test_a_second_run_in_the_same_process_is_followed(live_farm, fake,
                                                       tmp_path):
     done = subprocess.run(
         [sys.executable, "-c", TWO_RUNS],
-        env=_script_env(live_farm, tmp_path), cwd=str(tmp_path),
+        env=job_environ(live_farm, tmp_path), cwd=str(tmp_path),
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, timeout=120)
     assert done.returncode == 0, done.stderr.decode()[-2000:]

@@ -5,7 +5,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -16,9 +15,8 @@ from wandb_offline_sync.state import StateStore
 
 from conftest import (
     PASSWORD, USERNAME, FarmClient, make_run_dir, wait_until)
-from fake_wandb import API_KEY, FAST_FAILURE, FakeWandbServer, \
-    isolated_environ
-from test_end_to_end import WANDB, _job, _read_steps, _run_id
+from fake_wandb import FakeWandbServer
+from test_end_to_end import _job, _read_steps, _run_id, real_farm
 from test_farm_cli import _argv, _env, _listening_port
 
 
@@ -102,23 +100,9 @@ def fake():
         yield server
 
 
-def _real_farm(start_farm, fake, tmp_path, live=True, **settings):
-    environ = isolated_environ(str(tmp_path / "farm-env"))
-    del environ["WANDB_MODE"]
-    environ.update(FAST_FAILURE, WANDB_BASE_URL=fake.url,
-                   WANDB_API_KEY=API_KEY)
-    settings.setdefault("backoff_base", 0.5)
-    settings.setdefault("backoff_cap", 2.0)
-    settings.setdefault("tick", 0.2)
-    settings.setdefault("watch_interval", 0.5)
-    settings.setdefault("live_group_wait", 0.5)
-    return start_farm([WANDB], environ=environ, timeout=120, live=live,
-                      live_interval=1.0, scheduler_settings=settings)
-
-
 def test_wandb_down_for_a_while_the_run_still_ends_complete(
         start_farm, fake, tmp_path):
-    farm, client = _real_farm(start_farm, fake, tmp_path)
+    farm, client = real_farm(start_farm, fake, tmp_path, live=True)
     job = _job((farm, client), tmp_path, seconds=14)
     try:
         logged = _read_steps(job, until=lambda steps: len(steps) >= 40)
@@ -184,8 +168,8 @@ class _Relay:
 @pytest.mark.parametrize("live", [True, False], ids=["live", "periodic"])
 def test_lost_final_request_the_farm_still_finishes_the_run(
         start_farm, fake, tmp_path, live):
-    farm, client = _real_farm(start_farm, fake, tmp_path, live=live,
-                              stale_after=4.0)
+    farm, client = real_farm(start_farm, fake, tmp_path, live=live,
+                             stale_after=4.0)
     relay = _Relay(farm.port)
 
     class _ViaRelay:

@@ -8,29 +8,14 @@ import time
 import pytest
 
 from conftest import wait_until
-from fake_wandb import API_KEY, FAST_FAILURE, FakeWandbServer, \
-    isolated_environ
-from test_end_to_end import WANDB, _job, _read_steps, _run_id
+from fake_wandb import FakeWandbServer
+from test_end_to_end import _job, _read_steps, _run_id, real_farm
 
 
 @pytest.fixture
 def fake():
     with FakeWandbServer() as server:
         yield server
-
-
-def _live_farm(start_farm, fake, tmp_path, **settings):
-    environ = isolated_environ(str(tmp_path / "farm-env"))
-    del environ["WANDB_MODE"]
-    environ.update(FAST_FAILURE, WANDB_BASE_URL=fake.url,
-                   WANDB_API_KEY=API_KEY)
-    settings.setdefault("backoff_base", 0.5)
-    settings.setdefault("backoff_cap", 2.0)
-    settings.setdefault("tick", 0.2)
-    settings.setdefault("watch_interval", 0.5)
-    settings.setdefault("live_group_wait", 0.5)
-    return start_farm([WANDB], environ=environ, timeout=120, live=True,
-                      live_interval=1.0, scheduler_settings=settings)
 
 
 def _states_before(fake, run_id, moment):
@@ -40,7 +25,7 @@ def _states_before(fake, run_id, moment):
 
 def test_live_run_streams_each_row_once_and_ends_clean(start_farm, fake,
                                                        tmp_path):
-    farm, client = _live_farm(start_farm, fake, tmp_path)
+    farm, client = real_farm(start_farm, fake, tmp_path, live=True)
     job = _job((farm, client), tmp_path, seconds=10)
     seen_while_running = False
     try:
@@ -92,7 +77,8 @@ def _group_alive(pgid):
 
 def test_killed_job_is_finished_as_crashed_within_the_quiet_time(
         start_farm, fake, tmp_path):
-    farm, client = _live_farm(start_farm, fake, tmp_path, stale_after=4.0)
+    farm, client = real_farm(start_farm, fake, tmp_path, live=True,
+                             stale_after=4.0)
     job = _job((farm, client), tmp_path, seconds=120)
     try:
         _read_steps(job, until=lambda steps: len(steps) >= 40)
@@ -122,7 +108,7 @@ def test_killed_job_is_finished_as_crashed_within_the_quiet_time(
 
 def test_live_sync_killed_from_outside_is_restarted(start_farm, fake,
                                                     tmp_path):
-    farm, client = _live_farm(start_farm, fake, tmp_path)
+    farm, client = real_farm(start_farm, fake, tmp_path, live=True)
     job = _job((farm, client), tmp_path, seconds=12)
     try:
         logged = _read_steps(job, until=lambda steps: len(steps) >= 30)

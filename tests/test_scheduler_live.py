@@ -9,7 +9,7 @@ from wandb_offline_sync.scheduler import SyncScheduler
 from wandb_offline_sync.state import StateStore
 from wandb_offline_sync.wandbcli import Attempt, OK, TRANSIENT
 
-from test_scheduler import ScriptedSync
+from test_scheduler import ScriptedSync, _wait
 
 
 class FakeLive:
@@ -93,15 +93,6 @@ def _run_dir(tmp_path, name="r1"):
     log = run_dir / ("run-%s.wandb" % name)
     log.write_bytes(b"header and a first record" * 4)
     return str(run_dir), str(log)
-
-
-def _wait(predicate, timeout=5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def test_first_request_starts_one_live_sync_and_later_ones_are_heartbeats(

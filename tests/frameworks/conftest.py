@@ -10,20 +10,13 @@ The farm and the fake W&B server are the end-to-end test's fixtures.
 """
 
 import importlib.util
-import os
 import subprocess
 import sys
 
 import pytest
 
-from wandb_offline_sync import protocol
+from test_end_to_end import fake, job_environ, live_farm  # noqa: F401
 
-from conftest import PASSWORD, USERNAME
-from fake_wandb import isolated_environ
-from test_end_to_end import fake, live_farm  # noqa: F401 (fixtures)
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
 MARKER = "frameworks"
 
 
@@ -54,20 +47,13 @@ def required_frameworks(request):
 def run_job(farm, tmp_path, script, *args, timeout=300):
     """Run a training script as a job that reaches ``farm``; return
     (exit code, stdout, stderr), both as text."""
-    environ = isolated_environ(str(tmp_path / "job"))
+    environ = job_environ(farm, tmp_path)
     environ.update({
-        "PYTHONPATH": REPO,
-        "WANDB_X_TRANSACTION_LOG_FLUSH_INTERVAL": "1",
         # No downloads: models are built from configs in the script.
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "TOKENIZERS_PARALLELISM": "false",
-        protocol.ENV_HOST: "127.0.0.1",
-        protocol.ENV_PORT: str(farm[0].port),
-        protocol.ENV_USERNAME: USERNAME,
-        protocol.ENV_PASSWORD: PASSWORD,
-        protocol.ENV_CERT: farm[1].cert,
     })
     done = subprocess.run(
         [sys.executable, "-c", script] + [str(a) for a in args],

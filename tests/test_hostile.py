@@ -280,6 +280,31 @@ def slow_tls_headers(port, cert):
     return STILL_OPEN
 
 
+def slow_tls_hello(port, cert):
+    """A TLS ClientHello one byte every 0.1 s: the handshake as a whole
+    must end at the farm's handshake timeout."""
+    outgoing = ssl.MemoryBIO()
+    client = ssl.create_default_context().wrap_bio(
+        ssl.MemoryBIO(), outgoing, server_hostname="localhost")
+    try:
+        client.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    hello = outgoing.read()
+    deadline = time.monotonic() + 6
+    with socket.create_connection(("127.0.0.1", port), 5) as sock:
+        for byte in hello:
+            if time.monotonic() > deadline:
+                return STILL_OPEN
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                return CLOSED
+            if wait_closed(sock, 0.1) == CLOSED:
+                return CLOSED
+    return STILL_OPEN
+
+
 def half_body(port, cert):
     """A body that stops short of its Content-Length and never ends."""
     data = sync_bytes(b'{"run_dir": "/x"}')[:-5]
@@ -441,6 +466,8 @@ HOSTILE = [
     row(not_tls_at_all, CLOSED, "random-bytes-on-tls-port"),
     row(silent_tcp, CLOSED, "silent-before-handshake", slow_timeouts=True),
     row(silent_tls, CLOSED, "silent-after-handshake", slow_timeouts=True),
+    row(slow_tls_hello, CLOSED, "tls-hello-one-byte-at-a-time",
+        slow_timeouts=True),
     row(slow_tls_headers, CLOSED, "headers-one-byte-at-a-time",
         slow_timeouts=True),
     row(half_body, CLOSED, "body-shorter-than-content-length",
@@ -448,7 +475,7 @@ HOSTILE = [
 ]
 
 TRANSPORT = (plain_http, not_tls_at_all, silent_tcp, silent_tls,
-             slow_tls_headers, half_body)
+             slow_tls_hello, slow_tls_headers, half_body)
 
 
 def _short_timeouts(farm, monkeypatch):

@@ -689,8 +689,6 @@ def test_clients_that_vanish_mid_request_are_not_logged_as_errors(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-@pytest.mark.xfail(strict=True, reason="scheduler.py logs the new run's "
-                   "directory unescaped ('new run: ... dir=%s')")
 def test_client_text_in_an_accepted_run_dir_is_escaped_in_logs(
         start_farm, stand_in, tmp_path, caplog):
     caplog.set_level(logging.DEBUG, logger="wandb_offline_sync")

@@ -356,7 +356,9 @@ class SyncScheduler:
             self._live_count += 1
         record = RunRecord(run_dir, run_id, wandb_file, mode, now)
         self._runs[run_dir] = record
-        log.info("new run: run=%s mode=%s dir=%s", run_id, mode, run_dir)
+        # The path passed the run directory checks but may still hold
+        # newlines or escape sequences: %r keeps them out of the log.
+        log.info("new run: run=%s mode=%s dir=%r", run_id, mode, run_dir)
         return record
 
     def status(self):

@@ -170,11 +170,11 @@ def test_live_run_shows_how_long_it_has_been_followed_and_its_error():
 
 def test_run_the_farm_finished_after_its_job_went_quiet_says_so():
     page = render({"farm": _farm(),
-                   "runs": [_run(state="done", crashed=True,
+                   "runs": [_run(state="done", went_quiet=True,
                                  final_requested=True)]}, now=NOW)
 
     row = _run_row(page, "abc123")
-    assert row[1].startswith("done (the job went quiet")
+    assert row[1].startswith("done (crashed? the job went quiet")
     assert row[5] == "yes"
 
 

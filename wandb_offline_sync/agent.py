@@ -59,7 +59,7 @@ class _Run:
     """The run the agent is keeping in sync."""
 
     __slots__ = ("run_dir", "run_id", "wandb_run", "wandb_file",
-                 "synced_size", "final_sent")
+                 "synced_size", "final_sent", "farm_knows")
 
     def __init__(self, run_dir, run_id, wandb_run=None):
         self.run_dir = run_dir
@@ -70,6 +70,7 @@ class _Run:
             self.wandb_file = os.path.join(run_dir, "run-%s.wandb" % run_id)
         self.synced_size = -1          # log size when last requested
         self.final_sent = False
+        self.farm_knows = False        # the farm accepted a request for it
 
     @classmethod
     def of(cls, wandb_run):
@@ -114,6 +115,7 @@ class Agent:
         self.watch = watch
         self.verbose = verbose
         self.exit_code = None          # set when SIGTERM ends the job
+        self.exiting = False           # at_exit has begun
         # Read and written on the hot path without a lock: a float store
         # is atomic, and a lost update only moves one request by a call.
         self._next_due = 0.0
@@ -123,6 +125,7 @@ class Agent:
         # Guards _warned and each _Run's final_sent.
         self._lock = threading.Lock()
         self._warned = set()
+        self._refuse_all = False       # set after a 401: stop asking
         self._final_lock = threading.Lock()   # one final send at a time
         self._explicit = run_dir is not None
         self._run = None
@@ -185,6 +188,7 @@ class Agent:
         return self._send_final(run)
 
     def at_exit(self):
+        self.exiting = True
         self._stop.set()
         self._wake.set()
         try:
@@ -267,11 +271,15 @@ class Agent:
                 if result != _RETRY:
                     break
                 if time.monotonic() + delay >= deadline:
+                    if run.farm_knows:
+                        then = ("the farm will finish the run when it "
+                                "notices the job ended")
+                    else:
+                        then = ("the farm never heard of this run; sync "
+                                "it with `wandb sync %s`" % run.run_dir)
                     self._warn("final", "the final sync request for run %s "
-                               "was not delivered within %gs; the farm "
-                               "will finish the run when it notices the "
-                               "job ended" % (run.run_id,
-                                               self.final_timeout))
+                               "was not delivered within %gs; %s"
+                               % (run.run_id, self.final_timeout, then))
                     break
                 time.sleep(delay)
                 delay = min(2 * delay, 2.0)
@@ -287,6 +295,8 @@ class Agent:
                      "Authorization": self._auth,
                      "User-Agent": "wandb-offline-sync-agent/"
                                    + __version__})
+        if self._refuse_all:
+            return _REFUSED
         try:
             with self._opener.open(http_request, timeout=timeout) as answer:
                 answer.read(65536)
@@ -295,10 +305,18 @@ class Agent:
         except (urllib.error.URLError, OSError, http.client.HTTPException,
                 ssl.SSLError, socket.timeout) as exc:
             reason = getattr(exc, "reason", exc)
-            self._warn("unreachable", "cannot reach the sync farm at %s "
-                       "(%s); training goes on, the agent keeps trying"
-                       % (self._url, reason))
+            if isinstance(reason, ssl.SSLCertVerificationError):
+                self._warn("cert-mismatch", "the sync farm at %s did not "
+                           "show the certificate in %s=%s (%s); is that "
+                           "the farm's cert.pem?" % (
+                               self._url, protocol.ENV_CERT,
+                               self.address.cert, reason.verify_message))
+            else:
+                self._warn("unreachable", "cannot reach the sync farm at "
+                           "%s (%s); training goes on, the agent keeps "
+                           "trying" % (self._url, reason))
             return _RETRY
+        run.farm_knows = True
         log.info("sync requested: run=%s final=%s", run.run_id, final)
         with self._lock:
             self._warned.discard("unreachable")
@@ -310,15 +328,20 @@ class Agent:
         except Exception:
             reason = error.reason
         if error.code in (429, 502, 503, 504):
-            log.info("farm busy: status=%d reason=%s", error.code, reason)
+            self._warn("busy-%d" % error.code, "the sync farm cannot take "
+                       "requests now: %d %s; the agent keeps trying"
+                       % (error.code, reason))
             return _RETRY
         hint = ""
         if error.code == 401:
-            hint = "; check %s and %s" % (protocol.ENV_USERNAME,
-                                          protocol.ENV_PASSWORD)
+            # Asking again with the same password only locks this node's
+            # address out of the farm, for other jobs too.
+            self._refuse_all = True
+            hint = "; check %s and %s (no more requests from this job)" % (
+                protocol.ENV_USERNAME, protocol.ENV_PASSWORD)
         self._warn("refused-%d" % error.code,
-                   "the sync farm refused run %s: %d %s%s"
-                   % (run.run_id, error.code, reason, hint))
+                   "the sync farm refused run %s (%s): %d %s%s"
+                   % (run.run_id, run.run_dir, error.code, reason, hint))
         return _REFUSED
 
     def _make_opener(self):
@@ -487,6 +510,10 @@ def _on_sigterm(signum, frame):
     code = 128 + signum
     agent = _agent
     if agent is not None:
+        if agent.exiting:
+            # The job is already ending and the final request is on its
+            # way; raising now would only cut it short.
+            return
         agent.exit_code = code
     raise SystemExit(code)
 

@@ -10,6 +10,7 @@ Also runnable as ``python -m wandb_offline_sync.farm``.
 """
 
 import argparse
+import fcntl
 import importlib
 import logging
 import netrc
@@ -171,6 +172,8 @@ def serve(args):
     port = args.port
     if port is None:
         port = _env_port()
+    if not 0 <= port <= 65535:
+        raise ConfigError("--port %d is out of range (0 to 65535)" % port)
     username = os.environ.get(protocol.ENV_USERNAME)
     password = os.environ.get(protocol.ENV_PASSWORD)
     default_credentials = not username or not password
@@ -187,9 +190,9 @@ def serve(args):
                    timeout=args.sync_timeout,
                    work_root=os.path.join(args.state_dir, "work"),
                    verbose=args.verbose)
+    lock = _lock_state_dir(args.state_dir)
     wandb_version = cli.version()
     _check_api_key()
-    cli.end_leftovers()
     mode, why = _choose_mode(args.mode, cli)
     for name in ("live_interval", "live_grace", "stale_after"):
         if getattr(args, name) <= 0:
@@ -222,6 +225,7 @@ def serve(args):
         raise ConfigError("cannot listen on %s:%d: %s"
                           % (args.host, port, exc.strerror)) from None
 
+    cli.end_leftovers()
     _log_start(farm.server, args, wandb_version, policy,
                default_credentials)
     stop = threading.Event()
@@ -234,6 +238,7 @@ def serve(args):
         log.info("shutting down")
         farm.close()
     log.info("farm stopped")
+    lock.close()
     return EXIT_OK
 
 
@@ -311,8 +316,8 @@ def _choose_mode(requested, cli):
 def _load_tls(cert, key):
     for what, path in (("certificate", cert), ("key", key)):
         if not os.path.isfile(path):
-            raise ConfigError("no TLS %s at %s (make one with openssl; see "
-                              "the README)" % (what, path))
+            raise ConfigError("no TLS %s at %s (make one with "
+                              "`wandb_sync_farm gen-cert`)" % (what, path))
     try:
         return make_server_context(cert, key)
     except (ssl.SSLError, OSError) as exc:
@@ -348,9 +353,34 @@ def _make_policy(args):
                         allow_group=args.allow_group)
 
 
+def _lock_state_dir(state_dir):
+    """Hold a lock on ``state_dir`` while the farm runs; ConfigError if
+    another farm holds it (it would share, and end, this one's syncs)."""
+    path = os.path.join(state_dir, "farm.lock")
+    lock = open(path, "a+")
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise ConfigError("another farm (pid %s) uses the state directory "
+                          "%s; stop it or give --state-dir"
+                          % (holder, state_dir)) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write("%d\n" % os.getpid())
+    lock.flush()
+    return lock
+
+
 def _check_api_key():
     """ConfigError unless wandb will find an API key."""
-    if os.environ.get("WANDB_API_KEY"):
+    key = os.environ.get("WANDB_API_KEY")
+    if key:
+        if len(key) < 40:
+            raise ConfigError("WANDB_API_KEY has %d characters; W&B keys "
+                              "have 40 or more" % len(key))
         return
     base_url = os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
     host = urlsplit(base_url).hostname or "api.wandb.ai"

@@ -197,9 +197,12 @@ def _table(runs, now):
         "<th>Last error</th><th>Attempts</th><th>Final requested</th>"
         "<th>W&amp;B page</th></tr>",
     ]
+    # Newest request first: the runs still going are the ones looked for.
+    runs = sorted((r for r in runs if isinstance(r, dict)),
+                  key=lambda r: _number(r.get("last_request")) or 0,
+                  reverse=True)
     for run in runs:
-        if isinstance(run, dict):
-            lines.append(_row(run, now))
+        lines.append(_row(run, now))
     lines.append("</table>")
     return lines
 
@@ -227,8 +230,8 @@ def _state(run, now):
         text += " (retry in %s)" % describe_duration(retry - now)
     if run.get("follow_up_pending"):
         text += " (another sync queued)"
-    if run.get("crashed"):
-        text += " (the job went quiet; the farm finished the run)"
+    if run.get("went_quiet"):
+        text += " (crashed? the job went quiet; the farm finished the run)"
     return text
 
 

@@ -710,6 +710,9 @@ class SyncScheduler:
         stopped = group.stop_sent is not None
         for record in list(group.members):
             self._note_attempt(record, attempt)
+            url = group.process.run_urls.get(record.run_id)
+            if url:
+                record.run_url = url
             if attempt.outcome == OK and (group.finished(record) or
                                           not stopped):
                 self._live_member_done(group, record, now)

@@ -375,7 +375,7 @@ class FarmHandler(BaseHTTPRequestHandler):
             log.warning("login failures; cooling down: client=%s",
                         address)
         else:
-            log.info("login failed: client=%s", address)
+            log.warning("login failed: client=%s", address)
         self.close_connection = True
         self._drain_body()
         self._send_json(401, {"error": "authentication required"},

@@ -17,6 +17,7 @@ import argparse
 import base64
 import http.client
 import json
+import os
 import shutil
 import socket
 import ssl
@@ -110,12 +111,17 @@ def main(argv=None):
         print("wandb_sync_farm status: error: %s" % exc, file=sys.stderr)
         return EXIT_FAILED
 
-    if args.json:
-        print(json.dumps(status, indent=2))
-    else:
-        width = shutil.get_terminal_size().columns
-        print(format_table(status, width=width,
-                           where=address.url("")))
+    try:
+        if args.json:
+            print(json.dumps(status, indent=2))
+        else:
+            width = shutil.get_terminal_size().columns
+            print(format_table(status, width=width,
+                               where=address.url("")))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `| head` closed the pipe: fine, and nothing more to print.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return EXIT_OK
 
 

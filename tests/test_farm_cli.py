@@ -168,3 +168,47 @@ def test_port_in_use_is_one_clear_line(tmp_path, stand_in, certificate):
                               stderr=subprocess.PIPE)
     assert done.returncode == EXIT_CONFIG
     assert "cannot listen on" in done.stderr.decode()
+
+
+def test_a_second_farm_on_the_same_state_dir_leaves_the_first_alone(
+        tmp_path, stand_in, certificate):
+    stand_in.behave(mode="hang")
+    env = _env(tmp_path, stand_in.folder,
+               **{protocol.ENV_USERNAME: USERNAME,
+                  protocol.ENV_PASSWORD: PASSWORD})
+    farm = subprocess.Popen(_argv(tmp_path, *certificate), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        port, _ = _listening_port(farm)
+        client = FarmClient(port, certificate[0])
+        run_dir = make_run_dir(tmp_path, "c2")
+        assert client.sync(run_dir)[0] == 202
+        assert wait_until(lambda: len(stand_in.pids()) == 2, 15)
+
+        second = subprocess.run(_argv(tmp_path, *certificate), env=env,
+                                timeout=60, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+
+        assert second.returncode == EXIT_CONFIG
+        assert "another farm" in second.stderr.decode()
+        assert all(_running(pid) for pid in stand_in.pids())
+        farm.send_signal(signal.SIGTERM)
+        assert farm.wait(30) == 0
+    finally:
+        if farm.poll() is None:
+            farm.kill()
+            farm.wait()
+        farm.stdout.close()
+        farm.stderr.close()
+
+
+def test_port_out_of_range_is_one_clear_line(tmp_path, stand_in,
+                                             certificate):
+    argv = _argv(tmp_path, *certificate)
+    argv[argv.index("--port") + 1] = "99999"
+    done = subprocess.run(argv, env=_env(tmp_path, stand_in.folder),
+                          timeout=60, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE)
+    assert done.returncode == EXIT_CONFIG
+    assert done.stderr.decode().count("\n") == 1
+    assert "out of range" in done.stderr.decode()

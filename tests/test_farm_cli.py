@@ -1,5 +1,6 @@
 """The wandb_sync_farm command: setup checks, start-up log, shutdown."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -83,6 +84,21 @@ def test_num_threads_has_both_spellings():
     assert parser.parse_args([]).num_threads == 5
 
 
+@contextlib.contextmanager
+def _farm_process(argv, env):
+    """The farm command running with ``argv``; killed if still running."""
+    farm = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        yield farm
+    finally:
+        if farm.poll() is None:
+            farm.kill()
+            farm.wait()
+        farm.stdout.close()
+        farm.stderr.close()
+
+
 def _listening_port(farm):
     """Read the farm's log until it says where it listens."""
     deadline = time.monotonic() + 30
@@ -101,9 +117,7 @@ def test_sigterm_stops_the_farm_and_its_syncs(tmp_path, stand_in,
     env = _env(tmp_path, stand_in.folder,
                **{protocol.ENV_USERNAME: USERNAME,
                   protocol.ENV_PASSWORD: PASSWORD})
-    farm = subprocess.Popen(_argv(tmp_path, *certificate), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
+    with _farm_process(_argv(tmp_path, *certificate), env) as farm:
         port, lines = _listening_port(farm)
         client = FarmClient(port, certificate[0])
         run_dir = make_run_dir(tmp_path, "c1")
@@ -112,12 +126,6 @@ def test_sigterm_stops_the_farm_and_its_syncs(tmp_path, stand_in,
 
         farm.send_signal(signal.SIGTERM)
         code = farm.wait(30)
-    finally:
-        if farm.poll() is None:
-            farm.kill()
-            farm.wait()
-        farm.stdout.close()
-        farm.stderr.close()
     assert code == 0
     for pid in stand_in.pids():
         assert wait_until(lambda: not _running(pid), 5), pid
@@ -126,10 +134,8 @@ def test_sigterm_stops_the_farm_and_its_syncs(tmp_path, stand_in,
 
 def test_default_credentials_are_warned_about(tmp_path, stand_in,
                                               certificate):
-    farm = subprocess.Popen(_argv(tmp_path, *certificate),
-                            env=_env(tmp_path, stand_in.folder),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
+    with _farm_process(_argv(tmp_path, *certificate),
+                       _env(tmp_path, stand_in.folder)) as farm:
         port, lines = _listening_port(farm)
         deadline = time.monotonic() + 10
         while not any("default credentials" in l for l in lines) and \
@@ -139,12 +145,6 @@ def test_default_credentials_are_warned_about(tmp_path, stand_in,
         status, _, _ = client.request("GET", "/status", auth=("user", "pass"))
         farm.send_signal(signal.SIGINT)
         assert farm.wait(30) == 0
-    finally:
-        if farm.poll() is None:
-            farm.kill()
-            farm.wait()
-        farm.stdout.close()
-        farm.stderr.close()
     assert status == 200
     assert any("default credentials" in line for line in lines)
 
@@ -176,9 +176,7 @@ def test_a_second_farm_on_the_same_state_dir_leaves_the_first_alone(
     env = _env(tmp_path, stand_in.folder,
                **{protocol.ENV_USERNAME: USERNAME,
                   protocol.ENV_PASSWORD: PASSWORD})
-    farm = subprocess.Popen(_argv(tmp_path, *certificate), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
+    with _farm_process(_argv(tmp_path, *certificate), env) as farm:
         port, _ = _listening_port(farm)
         client = FarmClient(port, certificate[0])
         run_dir = make_run_dir(tmp_path, "c2")
@@ -194,12 +192,6 @@ def test_a_second_farm_on_the_same_state_dir_leaves_the_first_alone(
         assert all(_running(pid) for pid in stand_in.pids())
         farm.send_signal(signal.SIGTERM)
         assert farm.wait(30) == 0
-    finally:
-        if farm.poll() is None:
-            farm.kill()
-            farm.wait()
-        farm.stdout.close()
-        farm.stderr.close()
 
 
 def test_port_out_of_range_is_one_clear_line(tmp_path, stand_in,

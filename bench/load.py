@@ -36,11 +36,12 @@ Each is measured twice:
    its latency is mostly time spent waiting in line.
 
 Before the measurements every agent sends one request, so the farm knows
-every run and has synced each once (its first request also waits for the
-farm's state file).  The runs' logs do not grow afterwards, so measured
-requests start no syncs: they measure the HTTPS front, the path checks
-and the scheduler's bookkeeping.  ``--grow`` appends to each run's log
-before each request, so that every request also asks for a sync.
+every run (its first request also waits for the farm's state file), and
+the farm is left to sync each run once.  The runs' logs do not grow
+afterwards, so measured requests start no syncs: they measure the HTTPS
+front, the path checks and the scheduler's bookkeeping.  ``--grow``
+appends to each run's log before each request, so that every request
+also asks for a sync.
 
 Every loop is bounded by a count and by time; the whole run takes about a
 minute (``--quick``: about 15 seconds, at a rate below the targets).  The
@@ -89,6 +90,8 @@ QUICK = dict(agents=60, processes=2, rate=100.0, paced=2.0, flat=1.0)
 
 #: Seconds a single request may take before it counts as an error.
 REQUEST_TIMEOUT = 10.0
+#: Seconds the farm may take to sync every run once after the warm-up.
+SETTLE_TIMEOUT = 60.0
 #: Seconds the farm may take to start and to stop.
 FARM_START_TIMEOUT = 60.0
 FARM_STOP_TIMEOUT = 15.0
@@ -144,6 +147,7 @@ def measure(scratch, sizes, grow, connect_modes):
         target = dict(port=farm.port, cert=cert, grow=grow)
         warm = run_phase(target, run_dirs, sizes, "keep-alive",
                          rate=None, seconds=60.0, per_agent=1)
+        warm["settled"] = farm.wait_settled(cert, SETTLE_TIMEOUT)
         for connect in connect_modes:
             for paced in (True, False):
                 before = farm.usage()
@@ -273,6 +277,18 @@ class FarmProcess:
             return json.loads(answer.read().decode("utf-8"))
         finally:
             connection.close()
+
+    def wait_settled(self, cert, timeout):
+        """Wait until no sync is queued or running; seconds it took, or
+        None if it did not settle within ``timeout``."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            runs = self.status(cert).get("runs", [])
+            if not any(r.get("state") in ("queued", "syncing", "retry_wait")
+                       or r.get("follow_up_pending") for r in runs):
+                return time.monotonic() - started
+            time.sleep(0.5)
+        return None
 
     def stop(self):
         """Stop the farm (SIGTERM, then SIGKILL); return its log lines."""
@@ -522,6 +538,12 @@ def report(sizes, grow, warm, results, status, farm, farm_log, elapsed,
     print("warm-up: one request per agent, %d sent, %d errors, p99 %.0f ms"
           % (warm["sent"], sum(warm["errors"].values()),
              1000 * percentile(warm["latencies"], 0.99)))
+    if warm["settled"] is None:
+        print("the farm was still syncing after %.0f s; measured anyway"
+              % SETTLE_TIMEOUT)
+    else:
+        print("the farm synced every run once %.1f s after the warm-up; "
+              "measurements start then" % warm["settled"])
     print()
     print("%-10s %-8s %7s %6s %6s %7s %7s %6s %7s %5s %5s %5s"
           % ("connect", "load", "offered", "served", "p50", "p99",

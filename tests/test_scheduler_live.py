@@ -377,3 +377,22 @@ def test_a_run_marked_synced_after_errors_gets_an_ordinary_sync(tmp_path):
     finally:
         scheduler.close()
     assert sync.calls == [True]
+
+
+def test_runs_beyond_the_live_process_limit_are_synced_periodically(
+        tmp_path):
+    sync = ScriptedSync()
+    scheduler, lives = _scheduler(tmp_path, sync, live_group_size=1,
+                                  max_live_processes=2)
+    try:
+        for name in ("a", "b", "c"):
+            run_dir, log = _run_dir(tmp_path, name)
+            scheduler.request(run_dir, name, wandb_file=log)
+            time.sleep(0.1)
+        assert _wait(lambda: len(lives.started) == 2)
+        assert scheduler.wait_idle(5)
+        record = scheduler.get(str(tmp_path / "c"))
+    finally:
+        scheduler.close()
+    assert record["mode"] == "periodic"
+    assert len(sync.calls) == 1

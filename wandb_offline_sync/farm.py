@@ -121,6 +121,11 @@ def build_parser():
         help="runs one live sync process follows at most "
              "(default: %(default)s)")
     parser.add_argument(
+        "--max-live-processes", type=int,
+        default=SyncScheduler.max_live_processes,
+        help="live sync processes at most, about 120 MB each; runs "
+             "beyond are synced periodically (default: %(default)s)")
+    parser.add_argument(
         "--max-live", type=int, default=SyncScheduler.max_live,
         help="live syncs at most at once; further runs are synced "
              "periodically (default: %(default)s)")
@@ -204,14 +209,19 @@ def serve(args):
             "sync_timeout": args.sync_timeout,
             "live_interval": args.live_interval,
             "live_group_size": args.live_group_size,
+            "live_group_wait": SyncScheduler.live_group_wait,
+            "max_live": args.max_live,
+            "max_live_processes": args.max_live_processes,
             "stale_after": args.stale_after,
             "allow_roots": list(policy.allow_roots)}
     log.info("sync mode: %s (%s)", mode, why)
-    if args.live_group_size < 1 or args.max_live < 0:
-        raise ConfigError("--live-group-size must be at least 1 and "
-                          "--max-live at least 0")
+    if args.live_group_size < 1 or args.max_live < 0 or \
+            args.max_live_processes < 1:
+        raise ConfigError("--live-group-size and --max-live-processes "
+                          "must be at least 1, --max-live at least 0")
     settings = {"live_grace": args.live_grace, "max_live": args.max_live,
                 "live_group_size": args.live_group_size,
+                "max_live_processes": args.max_live_processes,
                 "stale_after": args.stale_after}
     try:
         farm = Farm((args.host, port), ssl_context=context,

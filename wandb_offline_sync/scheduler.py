@@ -241,6 +241,9 @@ class SyncScheduler:
     live_group_size = 10
     #: Seconds a run waits for others to share a new live sync with.
     live_group_wait = 3.0
+    #: Live sync processes at most (about 100-130 MB each); runs that
+    #: find them all taken are synced periodically.
+    max_live_processes = 15
     #: Bytes a run's log needs before a live sync may follow it (wandb
     #: writes a 7-byte header first, and a header-only log stalls every
     #: run of the same live sync).
@@ -632,7 +635,24 @@ class SyncScheduler:
                     now - members[0].live_waiting_since < \
                     self.live_group_wait:
                 return      # a few more may come and share the process
+            if len(self._groups) >= self.max_live_processes:
+                self._go_periodic(members)
+                continue
             self._launch_group(members, now)
+
+    def _go_periodic(self, records):
+        """Sync runs periodically: the farm runs all the live syncs its
+        memory allows.  Runs that arrive more than ``live_group_wait``
+        apart get a process each, so this bounds memory when they
+        trickle in.  TODO: merging small live syncs (one restart, one
+        re-send) would keep such runs live."""
+        for record in records:
+            record.mode = PERIODIC_MODE
+            record.live_waiting_since = None
+            self._live_count -= 1
+            log.warning("%d live syncs run already; syncing periodically: "
+                        "run=%s", self.max_live_processes, record.run_id)
+            self._enqueue(record)
 
     def _launch_group(self, members, now):
         try:

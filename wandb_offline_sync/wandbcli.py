@@ -256,7 +256,7 @@ class WandbCli:
                         exit_code = proc.wait(timeout)
                     except subprocess.TimeoutExpired:
                         timed_out = True
-                        log.warning("sync timed out: %s after %.0fs",
+                        log.warning("sync timed out: %r after %.0fs",
                                     label, timeout)
                         self._stop_group(proc)
                     finally:
@@ -274,7 +274,7 @@ class WandbCli:
         lines = output.splitlines()
         if self.verbose:
             for line in lines:
-                log.info("wandb: %s", line)
+                log.info("wandb: %r", line)
         return Attempt(started=started, ended=ended, exit_code=exit_code,
                        timed_out=timed_out, outcome=outcome, reason=reason,
                        stderr_tail=lines[-TAIL_LINES:], argv=argv,
@@ -427,7 +427,7 @@ class LiveSync:
         self._tail = (self._tail + lines)[-TAIL_LINES:]
         if self._cli.verbose:
             for line in lines:
-                log.info("wandb live %d: %s", self.pid, line)
+                log.info("wandb live %d: %r", self.pid, line)
         return lines
 
     def terminate(self):

@@ -91,10 +91,12 @@ def test_transformers_run_is_synced_through_the_callback(
     losses = {row["train/global_step"]: row["train/loss"]
               for row in fake.history(run_id) if "train/loss" in row}
     assert sorted(losses) == list(range(1, STEPS + 1))
+    # The final state can arrive before the sync's last config update:
+    # the config is checked once the farm's sync has ended.
+    assert wait_until(
+        lambda: farm_record(live_farm, run_id)["state"] == "done", 30)
     assert fake.config_values(run_id)["max_steps"] == STEPS
     record = farm_record(live_farm, run_id)
     # Asked for during training too, not only by the final request.
     assert record["requests"] >= 2, record
     assert record["final_requested"]
-    assert wait_until(
-        lambda: farm_record(live_farm, run_id)["state"] == "done", 30)

@@ -490,9 +490,18 @@ class SyncScheduler:
             record.state = IDLE
             log.debug("sync found nothing to send yet: run=%s",
                       record.run_id)
-        elif outcome == PERMANENT or (
-                outcome == NOT_READY and
+        elif outcome == NOT_READY and (
+                record.went_quiet or
                 record.failures + 1 >= self.max_not_ready_final):
+            # A job killed mid-write leaves a log that ends in half a
+            # record for ever; wandb has sent every complete one.
+            record.failures = 0
+            record.last_success = self._wall()
+            record.synced_size = size
+            record.state = DONE
+            log.warning("final sync settled for the complete records: "
+                        "run=%s reason=%s", record.run_id, reason)
+        elif outcome == PERMANENT:
             record.failures += 1
             self._fail(record, now)
             log.error("%s failed for good: run=%s reason=%s", label,
